@@ -1,0 +1,118 @@
+"""The masked-weight linear op, the contract between rewritten training graphs, compilers and kernels.
+
+``torch.ops.nmfx.masked_linear(x, weight, mask, bias, alpha, srste_lambda, exact_gradient, transposed)``
+
+Forward: ``y = x @ W_eff.T + b`` with ``W_eff = W * (m + alpha * (1 - m))`` (``alpha`` is a 0-d tensor:
+1 is the dense forward, 0 the hard mask ``W * m``; a tensor so that a new alpha never recompiles).
+``transposed=True`` means the weight is stored ``[in, out]`` (GPT-2's ``Conv1D``): ``y = x @ W_eff + b``.
+
+Backward, with ``g = dL/dW_eff`` (in the weight's stored layout):
+
+* ``dL/dx = dL/dy @ W_eff`` and ``dL/db`` as usual;
+* ``dL/dW = g`` (straight-through), or ``g * (m + alpha (1 - m))`` when ``exact_gradient`` (the
+  autograd-exact gradient of the forward);
+* plus ``srste_lambda * (1 - m) * W`` when ``srste_lambda`` is given (SR-STE's decay of pruned weights).
+
+The op is a ``torch.library`` custom op with a fake implementation and a registered autograd
+formula, so ``torch.compile(fullgraph=True)`` and ``torch.export`` keep it as one node. Call it through
+:func:`masked_linear`, which also applies autocast (the op itself is not autocast-aware).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx
+from torch import Tensor
+
+__all__ = ["masked_linear", "effective_weight"]
+
+
+def effective_weight(weight: Tensor, mask: Tensor, alpha: Tensor) -> Tensor:
+    """``W * (m + alpha (1 - m))``: one weight-sized temporary (the result), two passes."""
+    scaled = weight * alpha.to(weight.dtype)
+    return torch.where(mask, weight, scaled, out=scaled)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], transposed: bool) -> Tensor:
+    return torch.nn.functional.linear(x, weight.t() if transposed else weight, bias)
+
+
+@torch.library.custom_op("nmfx::masked_linear", mutates_args=())
+def _masked_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    bias: Optional[Tensor],
+    alpha: Tensor,
+    srste_lambda: Optional[Tensor],
+    exact_gradient: bool,
+    transposed: bool,
+) -> Tensor:
+    return _linear(x, effective_weight(weight, mask, alpha), bias, transposed)
+
+
+@_masked_linear_op.register_fake
+def _masked_linear_fake(x, weight, mask, bias, alpha, srste_lambda, exact_gradient, transposed):
+    out_features = weight.shape[1] if transposed else weight.shape[0]
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, mask, bias, alpha, srste_lambda, exact_gradient, transposed = inputs
+    ctx.save_for_backward(x, weight, mask, alpha, srste_lambda)
+    ctx.has_bias = bias is not None
+    ctx.exact_gradient = exact_gradient
+    ctx.transposed = transposed
+
+
+def _backward(ctx, grad_out: Tensor):
+    x, weight, mask, alpha, srste_lambda = ctx.saved_tensors
+    need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        w_eff = effective_weight(weight, mask, alpha)
+        grad_x = grad_out @ (w_eff.t() if ctx.transposed else w_eff)
+    if need_w:
+        go = grad_out.reshape(-1, grad_out.shape[-1])
+        xs = x.reshape(-1, x.shape[-1])
+        grad_w = xs.t() @ go if ctx.transposed else go.t() @ xs
+        if ctx.exact_gradient:
+            grad_w = effective_weight(grad_w, mask, alpha)
+        if srste_lambda is not None:
+            pruned = torch.where(mask, torch.zeros((), dtype=weight.dtype, device=weight.device), weight)
+            grad_w = grad_w.add_(pruned.mul_(srste_lambda.to(weight.dtype)))
+    if need_b and ctx.has_bias:
+        grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return grad_x, grad_w, None, grad_b, None, None, None, None
+
+
+_masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def masked_linear(
+    x: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    bias: Optional[Tensor] = None,
+    alpha: Optional[Tensor] = None,
+    srste_lambda: Optional[Tensor] = None,
+    exact_gradient: bool = False,
+    transposed: bool = False,
+) -> Tensor:
+    """Linear with an N:M-masked weight whose backward follows a gradient-flow method (module doc).
+
+    Under autocast, ``x``, ``weight`` and ``bias`` are cast to the autocast dtype first (gradients flow
+    back through the cast to the full-precision weight)."""
+    if alpha is None:
+        alpha = torch.zeros((), device=weight.device)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return torch.ops.nmfx.masked_linear(x, weight, mask, bias, alpha, srste_lambda, exact_gradient, transposed)
+
+
+torch.fx.wrap("masked_linear")
