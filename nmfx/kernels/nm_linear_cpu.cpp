@@ -1,0 +1,399 @@
+// nmfx CPU kernel: y = x @ W^T + bias, W an N:M-sparse [out, in] weight in nmfx's packed format.
+//
+// Inputs (see nmfx/packed.py for the format, nmfx/inference_ops.py for the op):
+//   x       [B, in]  fp32 / bf16 / fp16, contiguous
+//   values  [out, K] same dtype, K = in / M * N; kept value k of a row lies in group k / N
+//   indices uint8, either [out, K] one in-group position per byte (index_bits = 8), or the stored
+//           bit-packed rows [out, ceil(K * b / 8)] (index_bits = b = ceil(log2 M) <= 5), read directly:
+//           position of value k = bits [k*b, (k+1)*b) of the row's little-endian bit stream.
+//   bias    [out] or undefined
+// Column of kept value k:  colbase[k] + position,  colbase[k] = (k / N) * M  (computed once per call).
+//
+// ISA: chosen at build time (nmfx/kernels/cpu.py detects the host and compiles with explicit flags,
+// caching one build per torch version + ISA): AVX-512 (F/BW/VL/DQ, 16 lanes), AVX2+FMA (8 lanes), or
+// portable scalar C++. All three share the code below through the tiny vector layer `V*`.
+// Accumulation is always fp32; bf16/fp16 are widened to fp32 in registers, rounded once on store.
+//
+// Two algorithms, picked by batch size:
+//  * GEMV path (B <= kGemvMaxBatch): per output row, decode a chunk of columns, then for VW kept
+//    values at a time: load VW values, gather VW x-elements (vgatherdps), FMA; up to 4 batch rows
+//    share each decoded index/value vector. The weight stream (values + indices) is read once.
+//  * Batched path: x is packed once into batch tiles xT[tile][in][BT] (fp32, BT = NV*VW lanes,
+//    zero-padded). For each output row and kept value (w, c):  acc[0:BT] += w * xT[c, 0:BT]  -- a
+//    broadcast FMA against contiguous batch lanes, no gather. Register tile: RB rows x NV vectors
+//    (AVX-512: 4 x 4 zmm accumulators = 4 outputs x 64 batch). Each thread owns a range of 16-row
+//    output groups and sweeps them once per batch tile, so the xT tile (in*BT*4 bytes, 1 MiB at
+//    in=4096/BT=64) stays in L2 and the weights stream from L3 once per tile. Results go through a
+//    16 x BT local buffer and are written transposed as contiguous 16-float pieces of y rows.
+//
+// What bounds each case (AMD EPYC Zen 4, 2 threads, 4096 x 4096, fp32; see benchmarks/): filled in
+// from profiling below (section "Measured").
+//
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace nmfx_cpu {
+
+// ---------------------------------------------------------------------------------------------
+// Vector layer
+// ---------------------------------------------------------------------------------------------
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define NMFX_ISA "avx512"
+constexpr int VW = 16;
+constexpr int RB = 4;  // rows per register tile (RB * NV accumulators <= 16 of 32 zmm)
+using Vf = __m512;
+using Vi = __m512i;
+static inline Vf vzero() { return _mm512_setzero_ps(); }
+static inline Vf vset1(float a) { return _mm512_set1_ps(a); }
+static inline Vf vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, Vf v) { _mm512_storeu_ps(p, v); }
+static inline Vf vfma(Vf a, Vf b, Vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline Vi viload(const int32_t* p) { return _mm512_loadu_si512(p); }
+static inline Vf vgather(const float* base, Vi idx) { return _mm512_i32gather_ps(idx, base, 4); }
+static inline float vsum(Vf v) { return _mm512_reduce_add_ps(v); }
+static inline Vf vcvt(const float* p) { return _mm512_loadu_ps(p); }
+static inline Vf vcvt(const c10::BFloat16* p) {
+  __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+static inline Vf vcvt(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define NMFX_ISA "avx2"
+constexpr int VW = 8;
+constexpr int RB = 2;  // 2 * NV(<=4) accumulators + broadcasts within 16 ymm
+using Vf = __m256;
+using Vi = __m256i;
+static inline Vf vzero() { return _mm256_setzero_ps(); }
+static inline Vf vset1(float a) { return _mm256_set1_ps(a); }
+static inline Vf vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, Vf v) { _mm256_storeu_ps(p, v); }
+static inline Vf vfma(Vf a, Vf b, Vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline Vi viload(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+static inline Vf vgather(const float* base, Vi idx) { return _mm256_i32gather_ps(base, idx, 4); }
+static inline float vsum(Vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+static inline Vf vcvt(const float* p) { return _mm256_loadu_ps(p); }
+static inline Vf vcvt(const c10::BFloat16* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+static inline Vf vcvt(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#else
+#define NMFX_ISA "scalar"
+constexpr int VW = 1;
+constexpr int RB = 4;
+using Vf = float;
+using Vi = int32_t;
+static inline Vf vzero() { return 0.f; }
+static inline Vf vset1(float a) { return a; }
+static inline Vf vload(const float* p) { return *p; }
+static inline void vstore(float* p, Vf v) { *p = v; }
+static inline Vf vfma(Vf a, Vf b, Vf c) { return a * b + c; }
+static inline Vi viload(const int32_t* p) { return *p; }
+static inline Vf vgather(const float* base, Vi idx) { return base[idx]; }
+static inline float vsum(Vf v) { return v; }
+template <typename T>
+static inline Vf vcvt(const T* p) { return static_cast<float>(*p); }
+#endif
+
+template <typename T>
+static inline float to_f(T v) { return static_cast<float>(v); }
+
+constexpr int CH = 256;            // kept values decoded per chunk
+constexpr int kGemvMaxBatch = 4;   // B <= this: gather path; else batched (tuned, see "Measured")
+constexpr int RG = 16;             // output rows per write-back group in the batched path
+
+// ---------------------------------------------------------------------------------------------
+// Index decoding: absolute column (times `mul`) of kept values k0 .. k0+cnt of one row.
+// ---------------------------------------------------------------------------------------------
+static inline void decode_cols(const uint8_t* row, int64_t row_bytes, int bits, const int32_t* colbase,
+                               int64_t k0, int cnt, int32_t mul, int32_t* out) {
+  if (bits == 8) {
+    for (int i = 0; i < cnt; ++i) out[i] = (colbase[k0 + i] + row[k0 + i]) * mul;
+    return;
+  }
+  const uint32_t mask = (1u << bits) - 1u;
+  int i = 0;
+  // Fast path: 8 positions = `bits` whole bytes, starting at a byte boundary when k is a multiple of 8.
+  if ((k0 & 7) == 0) {
+    for (; i + 8 <= cnt; i += 8) {
+      const int64_t byte0 = (k0 + i) / 8 * bits;
+      uint64_t word = 0;
+      std::memcpy(&word, row + byte0, static_cast<size_t>(bits));  // little-endian host assumed
+      const int32_t* cb = colbase + k0 + i;
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) out[i + j] = (cb[j] + static_cast<int32_t>((word >> (j * bits)) & mask)) * mul;
+    }
+  }
+  for (; i < cnt; ++i) {
+    const int64_t bp = (k0 + i) * bits;
+    const int64_t by = bp >> 3;
+    uint32_t w = row[by];
+    if (by + 1 < row_bytes) w |= static_cast<uint32_t>(row[by + 1]) << 8;
+    out[i] = (colbase[k0 + i] + static_cast<int32_t>((w >> (bp & 7)) & mask)) * mul;
+  }
+}
+
+// Values k0 .. k0+cnt of a row as fp32: the row itself for fp32, else converted into `buf`.
+template <typename T>
+static inline const float* values_f32(const T* row, int64_t k0, int cnt, float* buf) {
+  if constexpr (std::is_same<T, float>::value) {
+    (void)buf;
+    return row + k0;
+  } else {
+    int i = 0;
+    for (; i + VW <= cnt; i += VW) vstore(buf + i, vcvt(row + k0 + i));
+    for (; i < cnt; ++i) buf[i] = to_f(row[k0 + i]);
+    return buf;
+  }
+}
+
+struct Problem {
+  int64_t B, in, out, K, row_bytes;
+  int bits, n, m;
+  std::vector<int32_t> colbase;
+};
+
+// ---------------------------------------------------------------------------------------------
+// GEMV path: NB (<= 4) batch rows of fp32 x, rows [o0, o1) of W.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int NB>
+static void gemv_rows(const Problem& P, const float* xf, const T* vals, const uint8_t* idx, const T* bias,
+                      int64_t o0, int64_t o1, T* y, int64_t ldy) {
+  alignas(64) int32_t cb[CH];
+  alignas(64) float vb[CH];
+  for (int64_t o = o0; o < o1; ++o) {
+    const T* vrow = vals + o * P.K;
+    const uint8_t* irow = idx + o * P.row_bytes;
+    Vf acc[NB];
+    float tail[NB];
+    for (int b = 0; b < NB; ++b) { acc[b] = vzero(); tail[b] = 0.f; }
+    for (int64_t k0 = 0; k0 < P.K; k0 += CH) {
+      const int cnt = static_cast<int>(std::min<int64_t>(CH, P.K - k0));
+      decode_cols(irow, P.row_bytes, P.bits, P.colbase.data(), k0, cnt, 1, cb);
+      const float* vp = values_f32(vrow, k0, cnt, vb);
+      int i = 0;
+      for (; i + VW <= cnt; i += VW) {
+        const Vi ix = viload(cb + i);
+        const Vf w = vload(vp + i);
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) acc[b] = vfma(w, vgather(xf + b * P.in, ix), acc[b]);
+      }
+      for (; i < cnt; ++i)
+        for (int b = 0; b < NB; ++b) tail[b] += vp[i] * xf[b * P.in + cb[i]];
+    }
+    const float bv = bias ? to_f(bias[o]) : 0.f;
+    for (int b = 0; b < NB; ++b) y[b * ldy + o] = static_cast<T>(vsum(acc[b]) + tail[b] + bv);
+  }
+}
+
+template <typename T>
+static void run_gemv(const Problem& P, const T* x, const T* vals, const uint8_t* idx, const T* bias, T* y) {
+  // x as fp32 rows (a copy only for bf16/fp16; B <= kGemvMaxBatch so it is small).
+  std::vector<float> xbuf;
+  const float* xf;
+  if constexpr (std::is_same<T, float>::value) {
+    xf = x;
+  } else {
+    xbuf.resize(static_cast<size_t>(P.B * P.in));
+    for (int64_t i = 0; i < P.B * P.in; ++i) xbuf[i] = to_f(x[i]);
+    xf = xbuf.data();
+  }
+  at::parallel_for(0, P.out, 16, [&](int64_t o0, int64_t o1) {
+    for (int64_t b0 = 0; b0 < P.B; b0 += 4) {
+      const float* xb = xf + b0 * P.in;
+      T* yb = y + b0 * P.out;
+      switch (std::min<int64_t>(4, P.B - b0)) {
+        case 1: gemv_rows<T, 1>(P, xb, vals, idx, bias, o0, o1, yb, P.out); break;
+        case 2: gemv_rows<T, 2>(P, xb, vals, idx, bias, o0, o1, yb, P.out); break;
+        case 3: gemv_rows<T, 3>(P, xb, vals, idx, bias, o0, o1, yb, P.out); break;
+        default: gemv_rows<T, 4>(P, xb, vals, idx, bias, o0, o1, yb, P.out); break;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batched path: register tile of R rows x NV vectors (BT = NV * VW batch lanes).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int R, int NV>
+static inline void tile_rows(const Problem& P, const T* vals, const uint8_t* idx, const float* xt, float* out) {
+  constexpr int BT = NV * VW;
+  alignas(64) int32_t ob[R][CH];
+  alignas(64) float vb[R][CH];
+  Vf acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = vzero();
+  for (int64_t k0 = 0; k0 < P.K; k0 += CH) {
+    const int cnt = static_cast<int>(std::min<int64_t>(CH, P.K - k0));
+    const float* vp[R];
+    for (int r = 0; r < R; ++r) {
+      decode_cols(idx + r * P.row_bytes, P.row_bytes, P.bits, P.colbase.data(), k0, cnt, BT, ob[r]);
+      vp[r] = values_f32(vals + r * P.K, k0, cnt, vb[r]);
+    }
+    for (int i = 0; i < cnt; ++i) {
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const Vf w = vset1(vp[r][i]);
+        const float* p = xt + ob[r][i];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = vfma(w, vload(p + v * VW), acc[r][v]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vstore(out + r * BT + v * VW, acc[r][v]);
+}
+
+template <typename T, int NV>
+static void run_batched(const Problem& P, const T* x, const T* vals, const uint8_t* idx, const T* bias, T* y) {
+  constexpr int BT = NV * VW;
+  const int64_t ntiles = (P.B + BT - 1) / BT;
+  // Pack x into zero-padded fp32 batch tiles xT[t][c][l] = x[t*BT + l][c].
+  at::Tensor xT_t = at::empty({ntiles * P.in * BT}, at::TensorOptions().dtype(at::kFloat));
+  float* xT = xT_t.data_ptr<float>();
+  at::parallel_for(0, P.in, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t t = 0; t < ntiles; ++t) {
+      float* dst = xT + t * P.in * BT;
+      const int64_t lanes = std::min<int64_t>(BT, P.B - t * BT);
+      for (int64_t c = c0; c < c1; ++c) {
+        float* d = dst + c * BT;
+        for (int64_t l = 0; l < lanes; ++l) d[l] = to_f(x[(t * BT + l) * P.in + c]);
+        for (int64_t l = lanes; l < BT; ++l) d[l] = 0.f;
+      }
+    }
+  });
+  const int64_t ngroups = (P.out + RG - 1) / RG;
+  at::parallel_for(0, ngroups, 1, [&](int64_t g0, int64_t g1) {
+    alignas(64) float obuf[RG * BT];
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const float* xt = xT + t * P.in * BT;
+      const int64_t lanes = std::min<int64_t>(BT, P.B - t * BT);
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t o0 = g * RG;
+        const int rows = static_cast<int>(std::min<int64_t>(RG, P.out - o0));
+        int r = 0;
+        for (; r + RB <= rows; r += RB)
+          tile_rows<T, RB, NV>(P, vals + (o0 + r) * P.K, idx + (o0 + r) * P.row_bytes, xt, obuf + r * BT);
+        for (; r < rows; ++r)
+          tile_rows<T, 1, NV>(P, vals + (o0 + r) * P.K, idx + (o0 + r) * P.row_bytes, xt, obuf + r * BT);
+        float bv[RG];
+        for (int rr = 0; rr < rows; ++rr) bv[rr] = bias ? to_f(bias[o0 + rr]) : 0.f;
+        for (int64_t l = 0; l < lanes; ++l) {
+          T* yrow = y + (t * BT + l) * P.out + o0;
+          for (int rr = 0; rr < rows; ++rr) yrow[rr] = static_cast<T>(obuf[rr * BT + l] + bv[rr]);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+static void dispatch(const Problem& P, const T* x, const T* vals, const uint8_t* idx, const T* bias, T* y,
+                     int64_t path) {
+  const bool gemv = path == 1 || (path == 0 && P.B <= kGemvMaxBatch);
+  if (gemv) return run_gemv<T>(P, x, vals, idx, bias, y);
+  // Batch-tile width: the fewest vectors that cover B (padding waste), at most 4.
+  const int64_t nv = std::min<int64_t>(4, (P.B + VW - 1) / VW);
+  switch (nv) {
+    case 1: return run_batched<T, 1>(P, x, vals, idx, bias, y);
+    case 2: return run_batched<T, 2>(P, x, vals, idx, bias, y);
+    case 3: return run_batched<T, 3>(P, x, vals, idx, bias, y);
+    default: return run_batched<T, 4>(P, x, vals, idx, bias, y);
+  }
+}
+
+// path: 0 = auto by batch size, 1 = force GEMV/gather path, 2 = force batched path (for tests).
+at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                     const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, int64_t index_bits,
+                     int64_t path) {
+  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && indices.device().is_cpu(),
+              "nmfx cpu kernel: tensors must be on the CPU");
+  TORCH_CHECK(values.dim() == 2, "values must be [out, K]");
+  TORCH_CHECK(indices.scalar_type() == at::kByte && indices.dim() == 2, "indices must be uint8 [out, *]");
+  TORCH_CHECK(x.scalar_type() == values.scalar_type(), "x and values must share a dtype");
+  TORCH_CHECK(n >= 1 && m >= n && m <= 256, "bad N:M");
+  TORCH_CHECK(index_bits == 8 || (index_bits >= 1 && index_bits <= 5), "index_bits must be 8 or 1..5");
+  Problem P;
+  P.out = values.size(0);
+  P.K = values.size(1);
+  P.n = static_cast<int>(n);
+  P.m = static_cast<int>(m);
+  P.bits = static_cast<int>(index_bits);
+  TORCH_CHECK(P.K % n == 0, "values.size(1) must be a multiple of N");
+  P.in = P.K / n * m;
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == P.in, "x.size(-1) must be in_features = K / N * M");
+  P.row_bytes = index_bits == 8 ? P.K : (P.K * index_bits + 7) / 8;
+  TORCH_CHECK(indices.size(0) == P.out && indices.size(1) == P.row_bytes, "indices has the wrong shape");
+  TORCH_CHECK(P.in < (int64_t(1) << 31) / 64, "in_features too large");
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = P.out;
+  at::Tensor x2 = x.reshape({-1, P.in}).contiguous();
+  P.B = x2.size(0);
+  at::Tensor y = at::empty({P.B, P.out}, x.options());
+  if (P.B == 0 || P.out == 0) return y.reshape(out_shape);
+  if (P.K == 0) {
+    y.zero_();
+    if (bias.has_value() && bias->defined()) y.add_(*bias);
+    return y.reshape(out_shape);
+  }
+  at::Tensor v = values.contiguous();
+  at::Tensor ix = indices.contiguous();
+  at::Tensor bs;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == P.out && bias->scalar_type() == x.scalar_type(), "bias must be [out], x's dtype");
+    bs = bias->contiguous();
+  }
+  P.colbase.resize(static_cast<size_t>(P.K));
+  for (int64_t k = 0; k < P.K; ++k) P.colbase[k] = static_cast<int32_t>(k / n * m);
+  const uint8_t* ip = ix.const_data_ptr<uint8_t>();
+  switch (x.scalar_type()) {
+#define NMFX_CASE(ST, T)                                                                                  \
+  case ST:                                                                                                \
+    dispatch<T>(P, x2.const_data_ptr<T>(), v.const_data_ptr<T>(), ip, bs.defined() ? bs.const_data_ptr<T>() : nullptr, \
+                y.data_ptr<T>(), path);                                                                   \
+    break;
+    NMFX_CASE(at::kFloat, float)
+    NMFX_CASE(at::kBFloat16, c10::BFloat16)
+    NMFX_CASE(at::kHalf, c10::Half)
+#undef NMFX_CASE
+    default:
+      TORCH_CHECK(false, "nmfx cpu kernel supports float32, bfloat16, float16; got ", x.scalar_type());
+  }
+  return y.reshape(out_shape);
+}
+
+std::string isa() { return NMFX_ISA; }
+
+}  // namespace nmfx_cpu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("nm_linear", &nmfx_cpu::nm_linear, "N:M sparse linear (packed weight), CPU",
+          pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("indices"), pybind11::arg("bias"),
+          pybind11::arg("n"), pybind11::arg("m"), pybind11::arg("index_bits"), pybind11::arg("path") = 0);
+  mod.def("isa", &nmfx_cpu::isa, "instruction set the extension was compiled for");
+}
