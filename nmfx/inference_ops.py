@@ -1,0 +1,144 @@
+"""``nmfx::nm_linear``: the inference op for a linear layer with a packed N:M weight.
+
+Signature (a ``torch.library`` custom op; traceable by ``torch.compile(fullgraph=True)`` and
+``torch.export`` through its fake implementation)::
+
+    torch.ops.nmfx.nm_linear(
+        x: Tensor,               # [..., in], float32 / bfloat16 / float16
+        values: Tensor,          # [out, K], x's dtype; K = in / M * N (PackedNMWeight.values)
+        indices: Tensor,         # uint8, layout given by index_bits:
+                                 #   index_bits = b = ceil(log2 M) (1..5): the stored bit-packed rows
+                                 #       [out, ceil(K*b/8)]  (PackedNMWeight.indices)
+                                 #   index_bits = 8: one in-group position per byte, [out, K]
+                                 #       (PackedNMWeight.positions())
+        bias: Optional[Tensor],  # [out], x's dtype, or None
+        n: int, m: int,          # the pattern N:M (M <= 32); in_features = K / N * M
+        index_bits: int,         # 8, or the packed width (see indices)
+        backend: str = "auto",   # "auto" | "cpu" | "reference"
+    ) -> Tensor                  # [..., out], x's dtype
+
+It computes ``x @ W.T + bias`` where ``W = PackedNMWeight(...).unpack()``. Backends: ``"reference"``
+is :func:`nm_linear_reference` (plain torch: densify, then ``F.linear``; the oracle); ``"cpu"`` is the
+C++ kernel in ``nmfx/kernels/nm_linear_cpu.cpp`` (it falls back to the reference, warning once, if the
+kernel cannot be built); ``"auto"`` uses the C++ kernel for CPU tensors when it is available and the
+reference otherwise (no warning off the CPU). The C++ kernel accumulates in fp32 whatever the dtype.
+
+From a lowering pass, with ``p = pack_nm(weight, pattern, mask)`` stored as buffers::
+
+    y = torch.ops.nmfx.nm_linear(x, p.values, p.indices, bias, p.pattern.n, p.pattern.m, p.index_bits, "auto")
+
+or simply ``nm_linear_packed(x, p, bias)``. On this repo's benchmark CPU the kernel reads the
+bit-packed ``indices`` about as fast as byte positions (see benchmarks/bench_inference.py), so the
+stored format can be passed as is; ``index_bits=8`` with ``p.positions()`` is the alternative.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from nmfx.packed import MAX_PACKED_M, PackedNMWeight, index_bits as _index_bits, unpack_positions
+
+__all__ = ["nm_linear", "nm_linear_reference", "nm_linear_packed", "BACKENDS"]
+
+BACKENDS = ("auto", "cpu", "reference")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    n: int,
+    m: int,
+    index_bits: int,
+    backend: str,
+) -> tuple:
+    """Validate the op's arguments (ValueError naming the problem); return (out, K, in)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"nm_linear: backend must be one of {BACKENDS}, got {backend!r}")
+    if not (1 <= n <= m <= MAX_PACKED_M):
+        raise ValueError(f"nm_linear: need 1 <= N <= M <= {MAX_PACKED_M}, got {n}:{m}")
+    if values.dim() != 2:
+        raise ValueError(f"nm_linear: values must be [out, K], got shape {tuple(values.shape)}")
+    out, k = values.shape
+    if k % n:
+        raise ValueError(f"nm_linear: values has K={k} kept values per row, not a multiple of N={n}")
+    inp = k // n * m
+    if x.dim() < 1 or x.shape[-1] != inp:
+        raise ValueError(
+            f"nm_linear: x has shape {tuple(x.shape)}, but the {n}:{m} weight with {k} kept values per row has "
+            f"in_features={inp}"
+        )
+    if x.dtype not in _DTYPES or values.dtype != x.dtype:
+        raise ValueError(f"nm_linear: x and values must share a float32/bfloat16/float16 dtype, got {x.dtype}, {values.dtype}")
+    if index_bits == 8:
+        want = (out, k)
+    elif index_bits == _index_bits(m):
+        want = (out, (k * index_bits + 7) // 8)
+    else:
+        raise ValueError(f"nm_linear: index_bits must be 8 or {_index_bits(m)} for M={m}, got {index_bits}")
+    if indices.dtype != torch.uint8 or tuple(indices.shape) != want:
+        raise ValueError(
+            f"nm_linear: indices must be uint8 {want} for index_bits={index_bits}, got {indices.dtype} {tuple(indices.shape)}"
+        )
+    if bias is not None and (tuple(bias.shape) != (out,) or bias.dtype != x.dtype):
+        raise ValueError(f"nm_linear: bias must be {x.dtype} [{out}], got {bias.dtype} {tuple(bias.shape)}")
+    return out, k, inp
+
+
+def nm_linear_reference(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    n: int,
+    m: int,
+    index_bits: int,
+) -> torch.Tensor:
+    """The oracle: rebuild the dense masked weight and call ``F.linear`` (same arguments as the op)."""
+    out, k, inp = _check(x, values, indices, bias, n, m, index_bits, "reference")
+    positions = indices if index_bits == 8 else unpack_positions(indices, index_bits, k)
+    cols = (torch.arange(k, device=values.device) // n * m).unsqueeze(0) + positions.long()
+    weight = torch.zeros(out, inp, dtype=values.dtype, device=values.device).scatter_(1, cols, values)
+    return F.linear(x, weight, bias)
+
+
+@torch.library.custom_op("nmfx::nm_linear", mutates_args=())
+def nm_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    n: int,
+    m: int,
+    index_bits: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for a packed N:M weight; see the module docstring for the argument layout."""
+    _check(x, values, indices, bias, n, m, index_bits, backend)
+    on_cpu = x.device.type == "cpu" and values.device.type == "cpu" and indices.device.type == "cpu"
+    if backend == "cpu" and not on_cpu:
+        raise ValueError(f"nm_linear: backend 'cpu' needs CPU tensors, got x on {x.device}, values on {values.device}")
+    if backend != "reference" and on_cpu:
+        from nmfx.kernels import cpu as _cpu
+
+        if _cpu.available():  # warns once, inside, when the build fails
+            return _cpu.nm_linear(x, values, indices, bias, n, m, index_bits)
+    return nm_linear_reference(x, values, indices, bias, n, m, index_bits)
+
+
+@nm_linear.register_fake
+def _(x, values, indices, bias, n, m, index_bits, backend="auto"):
+    out, _, _ = _check(x, values, indices, bias, n, m, index_bits, backend)
+    return x.new_empty((*x.shape[:-1], out))
+
+
+def nm_linear_packed(
+    x: torch.Tensor, packed: PackedNMWeight, bias: Optional[torch.Tensor] = None, backend: str = "auto"
+) -> torch.Tensor:
+    """Convenience wrapper: ``torch.ops.nmfx.nm_linear`` on a :class:`PackedNMWeight` (bit-packed indices)."""
+    return nm_linear(x, packed.values, packed.indices, bias, packed.pattern.n, packed.pattern.m, packed.index_bits, backend)

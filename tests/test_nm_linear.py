@@ -1,0 +1,203 @@
+"""nmfx::nm_linear: the C++ CPU kernel against the plain-torch reference, opcheck, compile, export.
+
+The C++ extension is built once per session by the ``cpu_kernel`` fixture (session-scoped; the first
+build takes ~30 s, later sessions reuse the cache in $NMFX_CACHE_DIR / ~/.cache/nmfx). If it cannot be
+built, every test that needs it is skipped with the build error as the reason; reference tests always run.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nmfx.kernels.cpu as cpu
+from nmfx.inference_ops import nm_linear, nm_linear_packed, nm_linear_reference
+from nmfx.packed import pack_nm
+from nmfx.pattern import Pattern
+
+PATTERNS = ["1:2", "2:4", "1:4", "2:8", "1:8", "3:8", "1:16", "1:32", "1:3", "2:6"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@pytest.fixture(scope="session")
+def cpu_kernel():
+    """SESSION-SCOPED: builds (or loads from cache) the C++ extension once; skips if that fails."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ok = cpu.available()
+    if not ok:
+        pytest.skip(f"nmfx C++ CPU kernel could not be built: {cpu.build_error()}")
+    return cpu
+
+
+def _case(pattern, dtype, batch_shape, inp_groups, out, seed, with_bias):
+    p = Pattern.parse(pattern)
+    g = torch.Generator().manual_seed(seed)
+    inp = inp_groups * p.m
+    w = torch.randn(out, inp, generator=g).to(dtype)
+    x = torch.randn(*batch_shape, inp, generator=g).to(dtype)
+    b = torch.randn(out, generator=g).to(dtype) if with_bias else None
+    return p, pack_nm(w, p), x, b
+
+
+def _assert_matches_fp64(y, x, packed, b):
+    """|y - exact| <= (eps(dtype) + K * eps(fp32)) * (|x| @ |W|^T + |b|), elementwise (+ a tiny floor)."""
+    w = packed.unpack().double()
+    exact = F.linear(x.double(), w, None if b is None else b.double())
+    scale = F.linear(x.double().abs(), w.abs(), None if b is None else b.double().abs())
+    tol = (2 * EPS[y.dtype] + packed.kept_per_row * 2.0**-23) * scale + 1e-30
+    err = (y.double() - exact).abs()
+    assert y.shape == exact.shape and y.dtype == x.dtype
+    assert bool((err <= tol).all()), f"max err {err.max().item()} vs tol {tol.flatten()[err.argmax()].item()}"
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (always runs)
+# --------------------------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(
+    pattern=st.sampled_from(PATTERNS),
+    dtype=st.sampled_from(DTYPES),
+    batch=st.sampled_from([(1,), (3,), (2, 5)]),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 10**6),
+)
+def test_reference_is_dense_linear(pattern, dtype, batch, with_bias, seed):
+    p, packed, x, b = _case(pattern, dtype, batch, 3, 7, seed, with_bias)
+    expected = F.linear(x, packed.unpack(), b)
+    for bits, idx in ((packed.index_bits, packed.indices), (8, packed.positions())):
+        y = nm_linear_reference(x, packed.values, idx, b, p.n, p.m, bits)
+        assert torch.equal(y, expected)
+        assert torch.equal(nm_linear(x, packed.values, idx, b, p.n, p.m, bits, "reference"), expected)
+
+
+def test_opcheck_reference():
+    p, packed, x, b = _case("2:8", torch.float32, (2, 3), 4, 5, 0, True)
+    torch.library.opcheck(nm_linear, (x, packed.values, packed.indices, b, 2, 8, 3, "reference"))
+    torch.library.opcheck(nm_linear, (x, packed.values, packed.positions(), None, 2, 8, 8, "reference"))
+
+
+def test_bad_inputs_raise_value_errors():
+    p, packed, x, b = _case("1:8", torch.float32, (2,), 4, 6, 0, True)
+    v, i = packed.values, packed.indices
+    with pytest.raises(ValueError, match="in_features=32"):
+        nm_linear(torch.randn(2, 40), v, i, b, 1, 8, 3, "reference")
+    with pytest.raises(ValueError, match="index_bits must be 8 or 3"):
+        nm_linear(x, v, i, b, 1, 8, 4, "reference")
+    with pytest.raises(ValueError, match="indices must be uint8"):
+        nm_linear(x, v, i[:, :1], b, 1, 8, 3, "reference")
+    with pytest.raises(ValueError, match="indices must be uint8"):
+        nm_linear(x, v, i, b, 1, 8, 8, "reference")
+    with pytest.raises(ValueError, match="bias must be"):
+        nm_linear(x, v, i, b[:3], 1, 8, 3, "reference")
+    with pytest.raises(ValueError, match="share a float32/bfloat16/float16 dtype"):
+        nm_linear(x.double(), v, i, b, 1, 8, 3, "reference")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        nm_linear(x, v, i, b, 1, 8, 3, "cuda")
+    with pytest.raises(ValueError, match="M <= 32"):
+        nm_linear(x, v, i, b, 1, 64, 3, "reference")
+
+
+def test_failed_build_falls_back_with_one_warning(monkeypatch):
+    import torch.utils.cpp_extension as ext
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cpu, "_module", None)
+    monkeypatch.setattr(cpu, "_error", None)
+    monkeypatch.setattr(cpu, "_warned", False)
+    monkeypatch.setattr(ext, "load", broken)
+    p, packed, x, b = _case("1:4", torch.float32, (3,), 2, 4, 0, True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = nm_linear_packed(x, packed, b, backend="cpu")
+        y2 = nm_linear_packed(x, packed, b, backend="cpu")
+    msgs = [str(w.message) for w in caught if "could not build the C++ CPU kernel" in str(w.message)]
+    assert len(msgs) == 1 and "no compiler here" in msgs[0]
+    assert not cpu.available()
+    assert torch.equal(y1, F.linear(x, packed.unpack(), b)) and torch.equal(y1, y2)
+
+
+# --------------------------------------------------------------------------------------------
+# C++ kernel (skipped, with the reason, when it cannot be built)
+# --------------------------------------------------------------------------------------------
+@settings(max_examples=120, deadline=None)
+@given(
+    pattern=st.sampled_from(PATTERNS),
+    dtype=st.sampled_from(DTYPES),
+    batch=st.sampled_from([1, 3, 17, 2, 5, 33, 70]),
+    inp_groups=st.sampled_from([1, 2, 3, 7]),
+    out=st.sampled_from([1, 3, 5, 17, 21, 37]),
+    with_bias=st.booleans(),
+    path=st.sampled_from([0, 1, 2]),
+    packed_bits=st.booleans(),
+    seed=st.integers(0, 10**6),
+)
+def test_kernel_matches_reference(cpu_kernel, pattern, dtype, batch, inp_groups, out, with_bias, path, packed_bits, seed):
+    p, packed, x, b = _case(pattern, dtype, (batch,), inp_groups, out, seed, with_bias)
+    bits, idx = (packed.index_bits, packed.indices) if packed_bits else (8, packed.positions())
+    y = cpu_kernel.nm_linear(x, packed.values, idx, b, p.n, p.m, bits, path)
+    _assert_matches_fp64(y, x, packed, b)
+    ref = nm_linear_reference(x, packed.values, idx, b, p.n, p.m, bits)
+    _assert_matches_fp64(ref, x, packed, b)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", ["1:8", "2:4", "1:32", "2:6"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_kernel_wide_input(cpu_kernel, pattern, dtype, batch):
+    """in = 1000 * M (long rows, many index chunks), out not a multiple of the 16-row block."""
+    p, packed, x, b = _case(pattern, dtype, (batch,), 1000, 19, batch, True)
+    for bits, idx in ((packed.index_bits, packed.indices), (8, packed.positions())):
+        _assert_matches_fp64(cpu_kernel.nm_linear(x, packed.values, idx, b, p.n, p.m, bits), x, packed, b)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_op_3d_input(cpu_kernel, with_bias, dtype):
+    p, packed, x, b = _case("1:8", dtype, (3, 11), 6, 21, 7, with_bias)
+    y = nm_linear_packed(x, packed, b, backend="cpu")
+    assert y.shape == (3, 11, 21)
+    _assert_matches_fp64(y, x, packed, b)
+    y8 = nm_linear(x, packed.values, packed.positions(), b, 1, 8, 8, "cpu")
+    assert torch.equal(y, y8)
+
+
+def test_opcheck_cpu(cpu_kernel):
+    p, packed, x, b = _case("2:8", torch.float32, (2, 3), 4, 5, 0, True)
+    torch.library.opcheck(nm_linear, (x, packed.values, packed.indices, b, 2, 8, 3, "cpu"))
+    torch.library.opcheck(nm_linear, (x[0], packed.values, packed.positions(), None, 2, 8, 8, "auto"))
+
+
+class _Packed(torch.nn.Module):
+    def __init__(self, packed, bias):
+        super().__init__()
+        self.register_buffer("values", packed.values)
+        self.register_buffer("indices", packed.indices)
+        self.register_buffer("bias", bias)
+        self.n, self.m, self.bits = packed.pattern.n, packed.pattern.m, packed.index_bits
+
+    def forward(self, x):
+        return torch.relu(torch.ops.nmfx.nm_linear(x, self.values, self.indices, self.bias, self.n, self.m, self.bits, "auto"))
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_and_export(cpu_kernel):
+    torch._dynamo.reset()
+    p, packed, x, b = _case("1:4", torch.float32, (4, 6), 8, 24, 3, True)
+    mod = _Packed(packed, b)
+    eager = mod(x)
+    compiled = torch.compile(mod, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(x), eager)
+    torch.testing.assert_close(compiled(torch.cat([x, x])), torch.cat([eager, eager]))  # a new batch size
+    ep = torch.export.export(mod, (x,))
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert torch.ops.nmfx.nm_linear.default in targets
+    torch.testing.assert_close(ep.module()(x), eager)
