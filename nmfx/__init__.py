@@ -2,10 +2,17 @@
 
 ``nmfx.sparsify(model, pattern="1:8")`` rewrites a model's prunable linear ops into masked-weight ops
 whose backward follows a progressive-gradient-flow method; ``nmfx.step(model)`` after each optimizer
-step advances the schedules.
+step advances the schedules; ``nmfx.report(model)`` says what was done and why.
 """
 
+from nmfx import ops  # registers torch.ops.nmfx.masked_linear
+from nmfx.api import graphs, is_sparsified, masks, sparsify, states, step
+from nmfx.methods import MDGF, SDGF, SRSTE, STE, Dense, Method, resolve_method
 from nmfx.pattern import MAX_M, Pattern, nm_mask
+from nmfx.report import report, to_dot, to_networkx
 
-__all__ = ["MAX_M", "Pattern", "nm_mask"]
+__all__ = [
+    "sparsify", "step", "masks", "states", "graphs", "report", "is_sparsified", "to_networkx", "to_dot",
+    "Pattern", "nm_mask", "MAX_M", "Method", "Dense", "STE", "SRSTE", "MDGF", "SDGF", "resolve_method", "ops",
+]
 __version__ = "0.1.0"

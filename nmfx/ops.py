@@ -26,13 +26,24 @@ import torch
 import torch.fx
 from torch import Tensor
 
-__all__ = ["masked_linear", "effective_weight"]
+__all__ = ["masked_linear", "masked_weight", "effective_weight", "weight_gradient"]
 
 
 def effective_weight(weight: Tensor, mask: Tensor, alpha: Tensor) -> Tensor:
     """``W * (m + alpha (1 - m))``: one weight-sized temporary (the result), two passes."""
     scaled = weight * alpha.to(weight.dtype)
     return torch.where(mask, weight, scaled, out=scaled)
+
+
+def weight_gradient(grad_eff: Tensor, weight: Tensor, mask: Tensor, alpha: Tensor,
+                    srste_lambda: Optional[Tensor], exact_gradient: bool) -> Tensor:
+    """The method's gradient for the dense weight from ``g = dL/dW_eff`` (module doc); may reuse ``g``."""
+    if exact_gradient:
+        grad_eff = effective_weight(grad_eff, mask, alpha)
+    if srste_lambda is not None:
+        pruned = torch.where(mask, torch.zeros((), dtype=weight.dtype, device=weight.device), weight)
+        grad_eff = grad_eff + pruned.mul_(srste_lambda.to(weight.dtype))
+    return grad_eff
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], transposed: bool) -> Tensor:
@@ -78,17 +89,54 @@ def _backward(ctx, grad_out: Tensor):
         go = grad_out.reshape(-1, grad_out.shape[-1])
         xs = x.reshape(-1, x.shape[-1])
         grad_w = xs.t() @ go if ctx.transposed else go.t() @ xs
-        if ctx.exact_gradient:
-            grad_w = effective_weight(grad_w, mask, alpha)
-        if srste_lambda is not None:
-            pruned = torch.where(mask, torch.zeros((), dtype=weight.dtype, device=weight.device), weight)
-            grad_w = grad_w.add_(pruned.mul_(srste_lambda.to(weight.dtype)))
+        grad_w = weight_gradient(grad_w, weight, mask, alpha, srste_lambda, ctx.exact_gradient)
     if need_b and ctx.has_bias:
         grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
     return grad_x, grad_w, None, grad_b, None, None, None, None
 
 
 _masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("nmfx::masked_weight", mutates_args=())
+def _masked_weight_op(
+    weight: Tensor, mask: Tensor, alpha: Tensor, srste_lambda: Optional[Tensor], exact_gradient: bool
+) -> Tensor:
+    return effective_weight(weight, mask, alpha)
+
+
+@_masked_weight_op.register_fake
+def _masked_weight_fake(weight, mask, alpha, srste_lambda, exact_gradient):
+    return torch.empty_like(weight)
+
+
+def _setup_weight_context(ctx, inputs, output) -> None:
+    weight, mask, alpha, srste_lambda, exact_gradient = inputs
+    ctx.save_for_backward(weight, mask, alpha, srste_lambda)
+    ctx.exact_gradient = exact_gradient
+
+
+def _weight_backward(ctx, grad_eff: Tensor):
+    weight, mask, alpha, srste_lambda = ctx.saved_tensors
+    return weight_gradient(grad_eff, weight, mask, alpha, srste_lambda, ctx.exact_gradient), None, None, None, None
+
+
+_masked_weight_op.register_autograd(_weight_backward, setup_context=_setup_weight_context)
+
+
+def masked_weight(
+    weight: Tensor,
+    mask: Tensor,
+    alpha: Optional[Tensor] = None,
+    srste_lambda: Optional[Tensor] = None,
+    exact_gradient: bool = False,
+) -> Tensor:
+    """``W_eff`` itself, with the method's gradient to ``W``: for consumers that take a weight rather
+    than an input (``nn.MultiheadAttention``'s packed ``in_proj_weight``). Costs one weight-sized
+    tensor that autograd keeps for the consumer's backward; ``masked_linear`` avoids that."""
+    if alpha is None:
+        alpha = torch.zeros((), device=weight.device)
+    return torch.ops.nmfx.masked_weight(weight, mask, alpha, srste_lambda, exact_gradient)
 
 
 def masked_linear(
@@ -116,3 +164,4 @@ def masked_linear(
 
 
 torch.fx.wrap("masked_linear")
+torch.fx.wrap("masked_weight")

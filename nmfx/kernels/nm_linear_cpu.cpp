@@ -71,6 +71,40 @@ static inline Vf vcvt(const c10::BFloat16* p) {
 static inline Vf vcvt(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+static inline Vi vadd_i(Vi a, Vi b) { return _mm512_add_epi32(a, b); }
+static inline Vi vmul_i(Vi a, int32_t b) { return _mm512_mullo_epi32(a, _mm512_set1_epi32(b)); }
+static inline void vistore(int32_t* p, Vi v) { _mm512_storeu_si512(p, v); }
+// In-group positions of VW = 16 kept values k .. k+15 (k a multiple of 16) as int32 lanes.
+struct Decoder {
+  int bits;
+  __m512i ctl, shift, mask;
+  explicit Decoder(int b) : bits(b) {
+    alignas(64) int32_t c[16], s[16];
+    for (int j = 0; j < 16; ++j) {
+      const int bo = (j * b) & 127;  // unused when b == 8
+      c[j] = (bo >> 3) | ((bo >> 3) + 1) << 8 | 0x80 << 16 | 0x80 << 24;  // bytes [bo/8, bo/8+1, 0, 0]
+      s[j] = bo & 7;
+    }
+    ctl = _mm512_load_si512(c);
+    shift = _mm512_load_si512(s);
+    mask = _mm512_set1_epi32(b >= 8 ? 0xff : (1 << b) - 1);
+  }
+  // `avail`: bytes readable from `row` (to the end of the tensor).
+  inline Vi positions(const uint8_t* row, int64_t avail, int64_t k) const {
+    if (bits == 8) return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)));
+    const int64_t byte0 = k / 8 * bits;
+    __m128i src;
+    if (byte0 + 16 <= avail) {
+      src = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + byte0));
+    } else {
+      alignas(16) uint8_t tmp[16] = {0};
+      std::memcpy(tmp, row + byte0, static_cast<size_t>(std::min<int64_t>(16, avail - byte0)));
+      src = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+    }
+    const __m512i w = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(src), ctl);
+    return _mm512_and_si512(_mm512_srlv_epi32(w, shift), mask);
+  }
+};
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define NMFX_ISA "avx2"
 constexpr int VW = 8;
@@ -98,6 +132,39 @@ static inline Vf vcvt(const c10::BFloat16* p) {
 static inline Vf vcvt(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+static inline Vi vadd_i(Vi a, Vi b) { return _mm256_add_epi32(a, b); }
+static inline Vi vmul_i(Vi a, int32_t b) { return _mm256_mullo_epi32(a, _mm256_set1_epi32(b)); }
+static inline void vistore(int32_t* p, Vi v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+// In-group positions of VW = 8 kept values k .. k+7 (k a multiple of 8) as int32 lanes.
+struct Decoder {
+  int bits;
+  __m256i ctl, shift, mask;
+  explicit Decoder(int b) : bits(b) {
+    alignas(32) int32_t c[8], s[8];
+    for (int j = 0; j < 8; ++j) {
+      const int bo = (j * b) & 63;
+      c[j] = (bo >> 3) | ((bo >> 3) + 1) << 8 | 0x80 << 16 | 0x80 << 24;
+      s[j] = bo & 7;
+    }
+    ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(c));
+    shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(s));
+    mask = _mm256_set1_epi32(b >= 8 ? 0xff : (1 << b) - 1);
+  }
+  inline Vi positions(const uint8_t* row, int64_t avail, int64_t k) const {
+    if (bits == 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k)));
+    const int64_t byte0 = k / 8 * bits;
+    __m128i src;
+    if (byte0 + 8 <= avail) {
+      src = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + byte0));
+    } else {
+      alignas(16) uint8_t tmp[16] = {0};
+      std::memcpy(tmp, row + byte0, static_cast<size_t>(std::min<int64_t>(8, avail - byte0)));
+      src = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+    }
+    const __m256i w = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(src), ctl);
+    return _mm256_and_si256(_mm256_srlv_epi32(w, shift), mask);
+  }
+};
 #else
 #define NMFX_ISA "scalar"
 constexpr int VW = 1;
@@ -114,6 +181,20 @@ static inline Vf vgather(const float* base, Vi idx) { return base[idx]; }
 static inline float vsum(Vf v) { return v; }
 template <typename T>
 static inline Vf vcvt(const T* p) { return static_cast<float>(*p); }
+static inline Vi vadd_i(Vi a, Vi b) { return a + b; }
+static inline Vi vmul_i(Vi a, int32_t b) { return a * b; }
+static inline void vistore(int32_t* p, Vi v) { *p = v; }
+struct Decoder {
+  int bits;
+  explicit Decoder(int b) : bits(b) {}
+  inline Vi positions(const uint8_t* row, int64_t avail, int64_t k) const {
+    if (bits == 8) return row[k];
+    const int64_t bp = k * bits, by = bp >> 3;
+    uint32_t w = row[by];
+    if (by + 1 < avail) w |= static_cast<uint32_t>(row[by + 1]) << 8;
+    return static_cast<int32_t>((w >> (bp & 7)) & ((1u << bits) - 1u));
+  }
+};
 #endif
 
 template <typename T>
@@ -124,34 +205,26 @@ constexpr int kGemvMaxBatch = 4;   // B <= this: gather path; else batched (tune
 constexpr int RG = 16;             // output rows per write-back group in the batched path
 
 // ---------------------------------------------------------------------------------------------
-// Index decoding: absolute column (times `mul`) of kept values k0 .. k0+cnt of one row.
+// Index decoding: absolute column (times `mul`) of kept values k0 .. k0+cnt of one row
+// (k0 a multiple of VW). Whole vectors through Decoder (pshufb + variable shift), then a scalar tail.
 // ---------------------------------------------------------------------------------------------
-static inline void decode_cols(const uint8_t* row, int64_t row_bytes, int bits, const int32_t* colbase,
+static inline int32_t position_scalar(const uint8_t* row, int64_t avail, int bits, int64_t k) {
+  if (bits == 8) return row[k];
+  const int64_t bp = k * bits, by = bp >> 3;
+  uint32_t w = row[by];
+  if (by + 1 < avail) w |= static_cast<uint32_t>(row[by + 1]) << 8;
+  return static_cast<int32_t>((w >> (bp & 7)) & ((1u << bits) - 1u));
+}
+
+static inline void decode_cols(const Decoder& D, const uint8_t* row, int64_t avail, const int32_t* colbase,
                                int64_t k0, int cnt, int32_t mul, int32_t* out) {
-  if (bits == 8) {
-    for (int i = 0; i < cnt; ++i) out[i] = (colbase[k0 + i] + row[k0 + i]) * mul;
-    return;
-  }
-  const uint32_t mask = (1u << bits) - 1u;
   int i = 0;
-  // Fast path: 8 positions = `bits` whole bytes, starting at a byte boundary when k is a multiple of 8.
-  if ((k0 & 7) == 0) {
-    for (; i + 8 <= cnt; i += 8) {
-      const int64_t byte0 = (k0 + i) / 8 * bits;
-      uint64_t word = 0;
-      std::memcpy(&word, row + byte0, static_cast<size_t>(bits));  // little-endian host assumed
-      const int32_t* cb = colbase + k0 + i;
-#pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) out[i + j] = (cb[j] + static_cast<int32_t>((word >> (j * bits)) & mask)) * mul;
-    }
+  for (; i + VW <= cnt; i += VW) {
+    Vi c = vadd_i(D.positions(row, avail, k0 + i), viload(colbase + k0 + i));
+    if (mul != 1) c = vmul_i(c, mul);
+    vistore(out + i, c);
   }
-  for (; i < cnt; ++i) {
-    const int64_t bp = (k0 + i) * bits;
-    const int64_t by = bp >> 3;
-    uint32_t w = row[by];
-    if (by + 1 < row_bytes) w |= static_cast<uint32_t>(row[by + 1]) << 8;
-    out[i] = (colbase[k0 + i] + static_cast<int32_t>((w >> (bp & 7)) & mask)) * mul;
-  }
+  for (; i < cnt; ++i) out[i] = (colbase[k0 + i] + position_scalar(row, avail, D.bits, k0 + i)) * mul;
 }
 
 // Values k0 .. k0+cnt of a row as fp32: the row itself for fp32, else converted into `buf`.
@@ -178,29 +251,27 @@ struct Problem {
 // GEMV path: NB (<= 4) batch rows of fp32 x, rows [o0, o1) of W.
 // ---------------------------------------------------------------------------------------------
 template <typename T, int NB>
-static void gemv_rows(const Problem& P, const float* xf, const T* vals, const uint8_t* idx, const T* bias,
-                      int64_t o0, int64_t o1, T* y, int64_t ldy) {
-  alignas(64) int32_t cb[CH];
-  alignas(64) float vb[CH];
+static void gemv_rows(const Problem& P, const Decoder& D, const float* xf, const T* vals, const uint8_t* idx,
+                      const T* bias, int64_t o0, int64_t o1, T* y, int64_t ldy) {
+  const int32_t* colbase = P.colbase.data();
   for (int64_t o = o0; o < o1; ++o) {
     const T* vrow = vals + o * P.K;
     const uint8_t* irow = idx + o * P.row_bytes;
+    const int64_t avail = (P.out - o) * P.row_bytes;
     Vf acc[NB];
     float tail[NB];
     for (int b = 0; b < NB; ++b) { acc[b] = vzero(); tail[b] = 0.f; }
-    for (int64_t k0 = 0; k0 < P.K; k0 += CH) {
-      const int cnt = static_cast<int>(std::min<int64_t>(CH, P.K - k0));
-      decode_cols(irow, P.row_bytes, P.bits, P.colbase.data(), k0, cnt, 1, cb);
-      const float* vp = values_f32(vrow, k0, cnt, vb);
-      int i = 0;
-      for (; i + VW <= cnt; i += VW) {
-        const Vi ix = viload(cb + i);
-        const Vf w = vload(vp + i);
+    int64_t k = 0;
+    for (; k + VW <= P.K; k += VW) {
+      const Vi ix = vadd_i(D.positions(irow, avail, k), viload(colbase + k));
+      const Vf w = vcvt(vrow + k);
 #pragma GCC unroll 4
-        for (int b = 0; b < NB; ++b) acc[b] = vfma(w, vgather(xf + b * P.in, ix), acc[b]);
-      }
-      for (; i < cnt; ++i)
-        for (int b = 0; b < NB; ++b) tail[b] += vp[i] * xf[b * P.in + cb[i]];
+      for (int b = 0; b < NB; ++b) acc[b] = vfma(w, vgather(xf + b * P.in, ix), acc[b]);
+    }
+    for (; k < P.K; ++k) {
+      const int32_t c = colbase[k] + position_scalar(irow, avail, P.bits, k);
+      const float w = to_f(vrow[k]);
+      for (int b = 0; b < NB; ++b) tail[b] += w * xf[b * P.in + c];
     }
     const float bv = bias ? to_f(bias[o]) : 0.f;
     for (int b = 0; b < NB; ++b) y[b * ldy + o] = static_cast<T>(vsum(acc[b]) + tail[b] + bv);
@@ -219,15 +290,16 @@ static void run_gemv(const Problem& P, const T* x, const T* vals, const uint8_t*
     for (int64_t i = 0; i < P.B * P.in; ++i) xbuf[i] = to_f(x[i]);
     xf = xbuf.data();
   }
+  const Decoder D(P.bits);
   at::parallel_for(0, P.out, 16, [&](int64_t o0, int64_t o1) {
     for (int64_t b0 = 0; b0 < P.B; b0 += 4) {
       const float* xb = xf + b0 * P.in;
       T* yb = y + b0 * P.out;
       switch (std::min<int64_t>(4, P.B - b0)) {
-        case 1: gemv_rows<T, 1>(P, xb, vals, idx, bias, o0, o1, yb, P.out); break;
-        case 2: gemv_rows<T, 2>(P, xb, vals, idx, bias, o0, o1, yb, P.out); break;
-        case 3: gemv_rows<T, 3>(P, xb, vals, idx, bias, o0, o1, yb, P.out); break;
-        default: gemv_rows<T, 4>(P, xb, vals, idx, bias, o0, o1, yb, P.out); break;
+        case 1: gemv_rows<T, 1>(P, D, xb, vals, idx, bias, o0, o1, yb, P.out); break;
+        case 2: gemv_rows<T, 2>(P, D, xb, vals, idx, bias, o0, o1, yb, P.out); break;
+        case 3: gemv_rows<T, 3>(P, D, xb, vals, idx, bias, o0, o1, yb, P.out); break;
+        default: gemv_rows<T, 4>(P, D, xb, vals, idx, bias, o0, o1, yb, P.out); break;
       }
     }
   });
@@ -237,7 +309,8 @@ static void run_gemv(const Problem& P, const T* x, const T* vals, const uint8_t*
 // Batched path: register tile of R rows x NV vectors (BT = NV * VW batch lanes).
 // ---------------------------------------------------------------------------------------------
 template <typename T, int R, int NV>
-static inline void tile_rows(const Problem& P, const T* vals, const uint8_t* idx, const float* xt, float* out) {
+static inline void tile_rows(const Problem& P, const Decoder& D, const T* vals, const uint8_t* idx, int64_t avail,
+                             const float* xt, float* out) {
   constexpr int BT = NV * VW;
   alignas(64) int32_t ob[R][CH];
   alignas(64) float vb[R][CH];
@@ -250,7 +323,7 @@ static inline void tile_rows(const Problem& P, const T* vals, const uint8_t* idx
     const int cnt = static_cast<int>(std::min<int64_t>(CH, P.K - k0));
     const float* vp[R];
     for (int r = 0; r < R; ++r) {
-      decode_cols(idx + r * P.row_bytes, P.row_bytes, P.bits, P.colbase.data(), k0, cnt, BT, ob[r]);
+      decode_cols(D, idx + r * P.row_bytes, avail - r * P.row_bytes, P.colbase.data(), k0, cnt, BT, ob[r]);
       vp[r] = values_f32(vals + r * P.K, k0, cnt, vb[r]);
     }
     for (int i = 0; i < cnt; ++i) {
@@ -288,6 +361,7 @@ static void run_batched(const Problem& P, const T* x, const T* vals, const uint8
     }
   });
   const int64_t ngroups = (P.out + RG - 1) / RG;
+  const Decoder D(P.bits);
   at::parallel_for(0, ngroups, 1, [&](int64_t g0, int64_t g1) {
     alignas(64) float obuf[RG * BT];
     for (int64_t t = 0; t < ntiles; ++t) {
@@ -298,9 +372,11 @@ static void run_batched(const Problem& P, const T* x, const T* vals, const uint8
         const int rows = static_cast<int>(std::min<int64_t>(RG, P.out - o0));
         int r = 0;
         for (; r + RB <= rows; r += RB)
-          tile_rows<T, RB, NV>(P, vals + (o0 + r) * P.K, idx + (o0 + r) * P.row_bytes, xt, obuf + r * BT);
+          tile_rows<T, RB, NV>(P, D, vals + (o0 + r) * P.K, idx + (o0 + r) * P.row_bytes, (P.out - o0 - r) * P.row_bytes,
+                               xt, obuf + r * BT);
         for (; r < rows; ++r)
-          tile_rows<T, 1, NV>(P, vals + (o0 + r) * P.K, idx + (o0 + r) * P.row_bytes, xt, obuf + r * BT);
+          tile_rows<T, 1, NV>(P, D, vals + (o0 + r) * P.K, idx + (o0 + r) * P.row_bytes, (P.out - o0 - r) * P.row_bytes,
+                              xt, obuf + r * BT);
         float bv[RG];
         for (int rr = 0; rr < rows; ++rr) bv[rr] = bias ? to_f(bias[o0 + rr]) : 0.f;
         for (int64_t l = 0; l < lanes; ++l) {

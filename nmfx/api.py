@@ -1,0 +1,198 @@
+"""The public verbs: ``sparsify``, ``step``, ``masks``, ``graphs``."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Iterator, Optional, Sequence, Union
+
+from torch import Tensor, fx, nn
+
+from nmfx.meta import META_KEY, PrunableOp, annotated_nodes
+from nmfx.methods import Method, resolve_method
+from nmfx.passes.attention import tag_roles
+from nmfx.passes.find_prunable import find_prunable
+from nmfx.passes.pipeline import PassPipeline
+from nmfx.passes.policy import Policy, apply_policy
+from nmfx.passes.rewrite_masked import rewrite_masked
+from nmfx.passes.rewrite_modules import disable_fused_fast_path, rewrite_multihead_attention
+from nmfx.pattern import Pattern, PatternLike
+from nmfx.report import ReportRow, SparsifyRecord
+from nmfx.state import NMState
+from nmfx.tracing import analysis_graph, install_scope, rewrite_scopes
+
+__all__ = ["sparsify", "step", "masks", "graphs", "is_sparsified", "states"]
+
+_RECORD_ATTR = "_nmfx_record"
+
+#: Last module-name component -> role, used only when no graph says what an op is.
+_NAME_HINTS = {
+    "q_proj": "attn.q", "query": "attn.q", "q": "attn.q", "wq": "attn.q",
+    "k_proj": "attn.k", "key": "attn.k", "k": "attn.k", "wk": "attn.k",
+    "v_proj": "attn.v", "value": "attn.v", "v": "attn.v", "wv": "attn.v",
+    "o_proj": "attn.o", "out_proj": "attn.o", "o": "attn.o", "wo_attn": "attn.o",
+    "c_attn": "attn.qkv", "qkv": "attn.qkv", "in_proj": "attn.qkv",
+    "gate_proj": "mlp.gate", "up_proj": "mlp.up", "fc1": "mlp.up", "c_fc": "mlp.up", "wi": "mlp.up",
+    "down_proj": "mlp.down", "fc2": "mlp.down", "wo": "mlp.down",
+    "lm_head": "head", "classifier": "head", "head": "head", "score": "head",
+}
+
+
+def sparsify(
+    model: nn.Module,
+    pattern: PatternLike = "1:8",
+    method: Union[str, Method] = "sdgf",
+    *,
+    example_inputs: Any = None,
+    include: Optional[Union[str, Sequence[str]]] = None,
+    exclude: Optional[Union[str, Sequence[str]]] = None,
+    **method_options: Any,
+) -> nn.Module:
+    """Rewrite ``model``'s prunable linear ops into N:M masked-weight ops, **in place**, and return it.
+
+    The model object itself is kept (its class, methods and ``state_dict`` names); the smallest
+    traceable submodules that hold prunable ops are replaced by rewritten ``GraphModule``s. Call
+    :func:`nmfx.step` after every optimizer step. Every decision is in :func:`nmfx.report`.
+
+    Args:
+        model: any ``nn.Module`` (transformers, torchvision, hand-written).
+        pattern: the target N:M pattern, e.g. ``"1:8"``.
+        method: ``"dense"``, ``"ste"``, ``"srste"``, ``"mdgf"``, ``"sdgf"`` or a method config.
+        example_inputs: inputs for a ``torch.export`` analysis graph (tensor, tuple or dict of kwargs);
+            transformers models provide their own.
+        include, exclude: globs over weight names, module names and roles (see ``nmfx.passes.policy``).
+        **method_options: the method's options (``total_steps``, ``decay``, ``schedule``...).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"nmfx.sparsify expects a torch.nn.Module, got {type(model).__name__}")
+    if is_sparsified(model):
+        raise ValueError("this model is already sparsified by nmfx; build a fresh model to sparsify it again")
+    pattern = Pattern.parse(pattern)
+    method = resolve_method(method, **method_options)
+    policy = Policy(pattern, method, _globs(include), _globs(exclude) or (), _tied_parameters(model))
+
+    analysis, frontend, note = analysis_graph(model, example_inputs)
+    graph_roles: dict[str, str] = {}
+    if analysis is not None:
+        find_prunable(analysis)
+        tag_roles(analysis, whole_model=True)
+        graph_roles = {node.meta[META_KEY].weight: node.meta[META_KEY].role for node in annotated_nodes(analysis.graph)}
+
+    def has_prunable(gm: fx.GraphModule, name: str) -> bool:
+        return bool(annotated_nodes(find_prunable(gm, prefix=name).graph))
+
+    scopes, untraced, attention_modules = rewrite_scopes(model, has_prunable)
+    pipeline = PassPipeline([
+        ("tag_roles", tag_roles),
+        ("adopt_roles", lambda gm: _adopt_roles(gm, graph_roles, frontend, whole_model=analysis is not None)),
+        ("policy", lambda gm: apply_policy(gm, policy)),
+        ("rewrite_masked", lambda gm: rewrite_masked(gm, pattern, method)),
+    ])
+    rows: list[ReportRow] = []
+    for scope in scopes:
+        pipeline(scope.graph_module)
+        ops = [node.meta[META_KEY] for node in annotated_nodes(scope.graph_module.graph)]
+        if any(op.status == "sparsified" for op in ops):
+            install_scope(model, scope)
+        rows += [ReportRow.from_op(op, pattern, f"{scope.frontend}({scope.name})") for op in ops]
+    for name, module in attention_modules:
+        ops = rewrite_multihead_attention(name, module, pattern, method, policy.decide)
+        rows += [ReportRow.from_op(op, pattern, "module") for op in ops]
+    disable_fused_fast_path(model)
+    seen = {row.name for row in rows}
+    for module in untraced:
+        for param in module.parameters:
+            name = f"{module.name}.{param}" if module.name else param
+            if name in seen or (graph_roles and name not in graph_roles):
+                continue
+            rows.append(ReportRow(name=name, role=graph_roles.get(name, "other"), op=module.module_type,
+                                  shape=tuple(model.get_parameter(name).shape), pattern=str(pattern),
+                                  status="skip", reason=f"used inside {module.module_type}.forward, which "
+                                  f"cannot be traced ({module.reason})", frontend="per-module"))
+    object.__setattr__(model, _RECORD_ATTR, SparsifyRecord(pattern, method, rows, frontend, note))
+    if not any(row.status == "sparsified" for row in rows):
+        reasons = sorted({row.reason for row in rows}) or ["no linear-like op with a parameter weight was found"]
+        warnings.warn(f"nmfx.sparsify: nothing in {type(model).__name__} was sparsified ({'; '.join(reasons)[:300]}). "
+                      "See nmfx.report(model).", stacklevel=2)
+    return model
+
+
+def step(model: nn.Module) -> None:
+    """Advance every sparsified weight's schedule by one optimizer step (call after ``opt.step()``)."""
+    for owner, state in _owners(model):
+        state.advance(owner.get_parameter(state.param_name))
+
+
+def states(model: nn.Module) -> dict[str, NMState]:
+    """``{weight qualified name: NMState}`` for every sparsified weight."""
+    return {_weight_name(model, owner, state): state for owner, state in _owners(model)}
+
+
+def masks(model: nn.Module) -> dict[str, Tensor]:
+    """``{weight qualified name (as in the original model): current bool mask}``."""
+    return {name: state.mask for name, state in states(model).items()}
+
+
+def graphs(model: nn.Module) -> dict[str, fx.GraphModule]:
+    """``{module name: rewritten GraphModule}`` (print ``gm.code`` to read one)."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, fx.GraphModule) and any(META_KEY in n.meta for n in module.graph.nodes)}
+
+
+def is_sparsified(model: nn.Module) -> bool:
+    return getattr(model, _RECORD_ATTR, None) is not None
+
+
+def record(model: nn.Module) -> SparsifyRecord:
+    found = getattr(model, _RECORD_ATTR, None)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has not been sparsified by nmfx (call nmfx.sparsify first)")
+    return found
+
+
+def _owners(model: nn.Module) -> Iterator[tuple[nn.Module, NMState]]:
+    for owner in model.modules():
+        for child in owner.children():
+            if isinstance(child, NMState):
+                yield owner, child
+
+
+def _weight_name(model: nn.Module, owner: nn.Module, state: NMState) -> str:
+    for name, module in model.named_modules():
+        if module is owner:
+            return f"{name}.{state.param_name}" if name else state.param_name
+    raise LookupError("state owner not found in model")
+
+
+def _adopt_roles(gm: fx.GraphModule, graph_roles: dict[str, str], frontend: str, whole_model: bool) -> fx.GraphModule:
+    """Prefer the whole-model graph's role; else the scope graph's; else a name hint."""
+    for node in annotated_nodes(gm.graph):
+        op: PrunableOp = node.meta[META_KEY]
+        if op.weight in graph_roles:
+            role, source = graph_roles[op.weight], f"graph ({frontend})"
+        elif op.role != "other":
+            role, source = op.role, "graph (scope)"
+        else:
+            hint = _NAME_HINTS.get(op.weight.rpartition(".")[0].rpartition(".")[2])
+            role, source = (hint, "name") if hint and (hint != "head" or not whole_model) else ("other", "")
+        node.meta[META_KEY] = dataclasses.replace(op, role=role, role_source=source)
+    return gm
+
+
+def _tied_parameters(model: nn.Module) -> dict[str, str]:
+    first_name: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        other = first_name.setdefault(id(param), name)
+        if other != name:
+            tied[name] = other
+            tied.setdefault(other, name)
+    return tied
+
+
+def _globs(value) -> Optional[tuple[str, ...]]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)

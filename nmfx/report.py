@@ -1,0 +1,137 @@
+"""Inspection: the per-weight report table and a networkx view of rewritten graphs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import networkx as nx
+from torch import fx, nn
+
+from nmfx.meta import META_KEY, PrunableOp
+from nmfx.methods import Method
+from nmfx.pattern import Pattern
+
+__all__ = ["ReportRow", "Report", "SparsifyRecord", "report", "to_networkx", "to_dot"]
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One weight nmfx looked at: what it is, and what was decided."""
+
+    name: str
+    role: str
+    op: str
+    shape: tuple[int, ...]
+    pattern: str
+    status: str  # "sparsified" or "skip"
+    reason: str
+    frontend: str
+    density: Optional[float] = None  # of the current hard mask; None when not sparsified
+
+    @classmethod
+    def from_op(cls, op: PrunableOp, pattern: Pattern, frontend: str) -> "ReportRow":
+        return cls(name=op.weight, role=op.role, op=op.kind, shape=op.weight_shape, pattern=str(pattern),
+                   status="sparsified" if op.status == "sparsified" else "skip", reason=op.reason,
+                   frontend=frontend)
+
+
+@dataclass
+class SparsifyRecord:
+    """What ``sparsify`` decided, kept on the model for ``report``."""
+
+    pattern: Pattern
+    method: Method
+    rows: list[ReportRow]
+    analysis_frontend: str
+    analysis_note: str
+
+
+class Report(list):
+    """A list of :class:`ReportRow` that prints as an aligned table."""
+
+    columns = ("name", "role", "op", "shape", "pattern", "density", "status", "reason", "frontend")
+
+    def __init__(self, rows, header: str = ""):
+        super().__init__(rows)
+        self.header = header
+
+    def __str__(self) -> str:
+        cells = [[_cell(getattr(row, col)) for col in self.columns] for row in self]
+        widths = [max([len(col)] + [len(c[i]) for c in cells]) for i, col in enumerate(self.columns)]
+        line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+        out = [self.header] if self.header else []
+        out += [line(self.columns), line(["-" * w for w in widths])] + [line(c) for c in cells]
+        return "\n".join(out)
+
+    @property
+    def sparsified(self) -> list[ReportRow]:
+        return [row for row in self if row.status == "sparsified"]
+
+
+def report(model: nn.Module) -> Report:
+    """Rows (name, role, op, shape, pattern, density, status, reason, frontend) for every weight nmfx
+    considered; ``density`` is that of the current hard mask. ``print(report)`` gives a table."""
+    from nmfx.api import masks, record  # local: api imports this module
+
+    found = record(model)
+    current = masks(model)
+    rows = []
+    for row in found.rows:
+        mask = current.get(row.name)
+        density = float(mask.float().mean()) if mask is not None and row.status == "sparsified" else None
+        rows.append(dataclasses.replace(row, density=density))
+    sparsified = sum(row.status == "sparsified" for row in rows)
+    header = (f"nmfx: {sparsified}/{len(rows)} weights sparsified at {found.pattern} with method "
+              f"{found.method.name}; analysis graph: {found.analysis_frontend}"
+              + (f" ({found.analysis_note})" if found.analysis_note else ""))
+    return Report(rows, header)
+
+
+def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+    """The graph as a DiGraph: one node per fx node (keyed by name) with ``op``, ``target`` and, for
+    annotated nodes, the nmfx annotation's fields (``nmfx_role``, ``nmfx_status``...)."""
+    graph = nx.DiGraph()
+    for node in gm.graph.nodes:
+        attrs = {"op": node.op, "target": _target_name(node.target)}
+        op = node.meta.get(META_KEY)
+        if op is not None:
+            attrs.update({f"nmfx_{k}": v for k, v in dataclasses.asdict(op).items()})
+        graph.add_node(node.name, **attrs)
+        for inp in node.all_input_nodes:
+            graph.add_edge(inp.name, node.name)
+    return graph
+
+
+def to_dot(gm: fx.GraphModule) -> str:
+    """Graphviz source of the graph, sparsified ops filled green and skipped ones grey."""
+    graph = to_networkx(gm)
+    lines = ["digraph nmfx {", "  node [shape=box, fontsize=10];"]
+    for name, attrs in graph.nodes(data=True):
+        label = f"{name}\\n{attrs['target']}"
+        style = ""
+        if "nmfx_role" in attrs:
+            label += f"\\n{attrs['nmfx_role']} [{attrs['nmfx_status']}]"
+            color = "palegreen" if attrs["nmfx_status"] == "sparsified" else "lightgrey"
+            style = f", style=filled, fillcolor={color}"
+        lines.append(f'  "{name}" [label="{label}"{style}];')
+    lines += [f'  "{u}" -> "{v}";' for u, v in graph.edges]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _target_name(target) -> str:
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    return str(value)

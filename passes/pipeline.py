@@ -1,0 +1,42 @@
+"""A small pass pipeline that checks graph invariants after every pass.
+
+Modelled on ``torch.fx.passes.infra.PassManager(run_checks_after_each_pass=True)``; a failure names
+the pass that broke an invariant and the passes that ran before it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from torch import fx
+
+from nmfx.passes.verify import verify
+
+__all__ = ["PassPipeline", "PassFailure"]
+
+GraphPass = Callable[[fx.GraphModule], fx.GraphModule]
+
+
+class PassFailure(RuntimeError):
+    """A pass raised, or left the graph breaking an invariant."""
+
+
+class PassPipeline:
+    """Run named passes in order, verifying the graph after each one."""
+
+    def __init__(self, passes: Sequence[tuple[str, GraphPass]], check: Callable[[fx.GraphModule], None] = verify):
+        self.passes = list(passes)
+        self.check = check
+
+    def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        ran: list[str] = []
+        for name, graph_pass in self.passes:
+            try:
+                gm = graph_pass(gm)
+                self.check(gm)
+            except Exception as error:
+                before = ", ".join(ran) or "none"
+                raise PassFailure(f"pass {name!r} failed on {type(gm).__name__}: {error} "
+                                  f"(passes run before it: {before})") from error
+            ran.append(name)
+        return gm

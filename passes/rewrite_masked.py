@@ -1,0 +1,82 @@
+"""Rewrite pass: replace each op the policy chose with ``nmfx.ops.masked_linear`` over a mask buffer.
+
+For a weight at ``<owner>.<param>`` the pass registers an :class:`nmfx.state.NMState` child
+``<owner>.<param>_nm`` (mask + schedule buffers; one per weight, shared by every node that uses it)
+and replaces the op node by::
+
+    masked_linear(x, <owner>.<param>, <owner>.<param>_nm.mask, bias,
+                  <owner>.<param>_nm.alpha, <owner>.<param>_nm.srste_lambda | None,
+                  exact_gradient=..., transposed=...)
+
+The replacement carries the original node's ``meta`` with the annotation's status set to
+``"sparsified"``. With ``method="dense"`` or an ``M:M`` pattern the rewritten graph computes exactly
+what the original does; otherwise exactly the original with masked weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import fx
+
+from nmfx.meta import META_KEY, PrunableOp, annotated_nodes
+from nmfx.methods import Method
+from nmfx.ops import masked_linear
+from nmfx.pattern import Pattern
+from nmfx.state import STATE_SUFFIX, NMState
+
+__all__ = ["rewrite_masked"]
+
+
+def rewrite_masked(gm: fx.GraphModule, pattern: Pattern, method: Method) -> fx.GraphModule:
+    """Rewrite every node whose annotation says ``"sparsify"``; returns ``gm`` (changed in place)."""
+    graph = gm.graph
+    for node in annotated_nodes(graph):
+        op: PrunableOp = node.meta[META_KEY]
+        if op.status != "sparsify":
+            continue
+        state_path = _ensure_state(gm, op, pattern, method)
+        x, bias = _operands(gm, node, op)
+        with graph.inserting_before(node):
+            weight = graph.get_attr(op.target)
+            mask = graph.get_attr(f"{state_path}.mask")
+            alpha = graph.get_attr(f"{state_path}.alpha")
+            srste = graph.get_attr(f"{state_path}.srste_lambda") if method.name == "srste" else None
+            new = graph.call_function(
+                masked_linear, (x, weight, mask, bias, alpha, srste),
+                {"exact_gradient": getattr(method, "exact_gradient", False), "transposed": op.transposed},
+            )
+        new.meta = dict(node.meta)
+        new.meta[META_KEY] = dataclasses.replace(op, status="sparsified")
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _ensure_state(gm: fx.GraphModule, op: PrunableOp, pattern: Pattern, method: Method) -> str:
+    owner_path, _, param_name = op.target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    state_name = param_name + STATE_SUFFIX
+    if not isinstance(getattr(owner, state_name, None), NMState):
+        weight = owner.get_parameter(param_name)
+        owner.add_module(state_name, NMState(param_name, weight, pattern, method, dim=op.group_dim))
+    return f"{owner_path}.{state_name}" if owner_path else state_name
+
+
+def _operands(gm: fx.GraphModule, node: fx.Node, op: PrunableOp):
+    """(input node, bias node or None) of the op being replaced."""
+    if node.op == "call_module":
+        bias = None
+        if op.bias is not None:
+            with gm.graph.inserting_before(node):
+                bias = gm.graph.get_attr(op.bias)
+        return node.args[0], bias
+    if op.kind == "addmm":
+        return node.args[1], node.args[0]
+    if op.kind == "linear":
+        args = list(node.args) + [None] * 3
+        return args[0], args[2] if args[2] is not None else node.kwargs.get("bias")
+    return node.args[0], None

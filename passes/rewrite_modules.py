@@ -1,0 +1,106 @@
+"""Module-level rewrite for modules whose forward cannot be traced but whose weight use is known.
+
+``nn.MultiheadAttention`` reads ``in_proj_weight`` (or ``q/k/v_proj_weight``) and ``out_proj.weight``
+directly inside ``F.multi_head_attention_forward`` — no traceable linear call to rewrite. Its class is
+swapped, in place, for :class:`MaskedMultiheadAttention` (a subclass: ``isinstance`` checks, parameters
+and state_dict names are unchanged), whose forward passes ``nmfx.ops.masked_weight`` of each sparsified
+weight. The fused CPU/CUDA fast paths of ``nn.TransformerEncoderLayer`` read weights directly too, so
+they are switched off for layers that hold sparsified weights (the math is the same slow path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nmfx.meta import PrunableOp
+from nmfx.methods import Method
+from nmfx.ops import masked_weight
+from nmfx.pattern import Pattern
+from nmfx.state import STATE_SUFFIX, NMState
+
+__all__ = ["MaskedMultiheadAttention", "multihead_attention_ops", "rewrite_multihead_attention",
+           "disable_fused_fast_path"]
+
+
+class MaskedMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose projection weights go through nmfx masks (never the fast path)."""
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None,
+                average_attn_weights: bool = True, is_causal: bool = False):
+        batched = query.dim() == 3
+        if self.batch_first and batched:
+            query, key, value = (t.transpose(1, 0) for t in (query, key, value))
+        separate = not self._qkv_same_embed_dim
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads,
+            None if separate else _masked(self, "in_proj_weight"), self.in_proj_bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout,
+            _masked(self.out_proj, "weight"), self.out_proj.bias,
+            training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+            attn_mask=attn_mask, use_separate_proj_weight=separate,
+            q_proj_weight=_masked(self, "q_proj_weight") if separate else None,
+            k_proj_weight=_masked(self, "k_proj_weight") if separate else None,
+            v_proj_weight=_masked(self, "v_proj_weight") if separate else None,
+            average_attn_weights=average_attn_weights, is_causal=is_causal,
+        )
+        if self.batch_first and batched:
+            out = out.transpose(1, 0)
+        return out, weights
+
+
+def multihead_attention_ops(name: str, module: nn.MultiheadAttention) -> list[tuple[nn.Module, str, PrunableOp]]:
+    """(owner module, parameter name, annotation) for each projection weight of an MHA at ``name``."""
+    prefix = f"{name}." if name else ""
+    params = ["q_proj_weight", "k_proj_weight", "v_proj_weight"] if not module._qkv_same_embed_dim else ["in_proj_weight"]
+    roles = {"in_proj_weight": "attn.qkv", "q_proj_weight": "attn.q", "k_proj_weight": "attn.k", "v_proj_weight": "attn.v"}
+    found = []
+    for param in params:
+        weight = getattr(module, param)
+        found.append((module, param, PrunableOp(
+            kind="multihead_attention", weight=prefix + param, target=param,
+            bias="in_proj_bias" if module.in_proj_bias is not None else None, transposed=False,
+            weight_shape=tuple(weight.shape), role=roles[param], role_source="module")))
+    out_weight = module.out_proj.weight
+    found.append((module.out_proj, "weight", PrunableOp(
+        kind="multihead_attention", weight=f"{prefix}out_proj.weight", target="out_proj.weight",
+        bias="out_proj.bias" if module.out_proj.bias is not None else None, transposed=False,
+        weight_shape=tuple(out_weight.shape), role="attn.o", role_source="module")))
+    return found
+
+
+def rewrite_multihead_attention(name: str, module: nn.MultiheadAttention, pattern: Pattern, method: Method,
+                                decide: Callable[[PrunableOp], tuple[str, str]]) -> list[PrunableOp]:
+    """Decide each projection weight, attach state to the chosen ones and swap the class if any was."""
+    ops = []
+    for owner, param, op in multihead_attention_ops(name, module):
+        status, reason = decide(op)
+        if status == "sparsify":
+            owner.add_module(param + STATE_SUFFIX, NMState(param, getattr(owner, param), pattern, method, dim=1))
+            status = "sparsified"
+        ops.append(dataclasses.replace(op, status=status, reason=reason))
+    if any(op.status == "sparsified" for op in ops):
+        module.__class__ = MaskedMultiheadAttention
+    return ops
+
+
+def disable_fused_fast_path(model: nn.Module) -> None:
+    """Switch off ``nn.TransformerEncoderLayer``'s fused inference path where a weight is sparsified:
+    it reads the raw weights, bypassing masks. (Its gate checks ``activation_relu_or_gelu``.)"""
+    for layer in model.modules():
+        if isinstance(layer, nn.TransformerEncoderLayer):
+            if any(isinstance(m, NMState) for m in layer.modules()):
+                layer.activation_relu_or_gelu = False
+
+
+def _masked(owner: nn.Module, param: str) -> Tensor:
+    weight = getattr(owner, param)
+    state = getattr(owner, param + STATE_SUFFIX, None)
+    if not isinstance(state, NMState):
+        return weight
+    return masked_weight(weight, state.mask, state.alpha, state.srste_lambda if state.uses_srste else None,
+                         state.exact_gradient)

@@ -1,0 +1,63 @@
+"""Invariant checks for rewritten graphs, run after every pass of the pipeline (and in tests).
+
+* ``graph.lint()`` passes;
+* every ``get_attr`` resolves to an attribute of the graph's module (no dangling weight or mask);
+* every ``masked_linear`` node reads a parameter weight and a bool mask buffer of the weight's shape,
+  and carries an annotation whose status is ``"sparsified"``;
+* no annotated node is left with status ``"sparsify"`` after the rewrite (``rewritten=True``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from nmfx.meta import META_KEY
+from nmfx.ops import masked_linear
+
+__all__ = ["InvariantError", "verify"]
+
+
+class InvariantError(AssertionError):
+    """A graph invariant does not hold."""
+
+
+def verify(gm: fx.GraphModule, rewritten: bool = False) -> None:
+    """Raise :class:`InvariantError` naming the first broken invariant of ``gm``."""
+    try:
+        gm.graph.lint()
+    except Exception as error:
+        raise InvariantError(f"graph.lint() failed: {error}") from error
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            try:
+                _resolve(gm, node.target)
+            except AttributeError as error:
+                raise InvariantError(f"get_attr {node.target!r} does not resolve: {error}") from None
+        if node.op == "call_function" and node.target is masked_linear:
+            _check_masked(gm, node)
+        op = node.meta.get(META_KEY)
+        if rewritten and op is not None and op.status == "sparsify":
+            raise InvariantError(f"{op.weight}: chosen for sparsification but not rewritten")
+
+
+def _check_masked(gm: fx.GraphModule, node: fx.Node) -> None:
+    weight_node, mask_node = node.args[1], node.args[2]
+    for arg, what in ((weight_node, "weight"), (mask_node, "mask")):
+        if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+            raise InvariantError(f"{node.name}: the {what} is not read from the module ({arg!r})")
+    weight, mask = _resolve(gm, weight_node.target), _resolve(gm, mask_node.target)
+    if not isinstance(weight, torch.nn.Parameter):
+        raise InvariantError(f"{node.name}: weight {weight_node.target!r} is not a parameter")
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
+        raise InvariantError(f"{node.name}: mask {mask_node.target!r} is not a bool tensor of the weight's shape")
+    op = node.meta.get(META_KEY)
+    if op is None or op.status != "sparsified":
+        raise InvariantError(f"{node.name}: masked_linear without a 'sparsified' nmfx annotation")
+
+
+def _resolve(gm: fx.GraphModule, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
