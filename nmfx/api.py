@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from torch import Tensor, fx, nn
 
@@ -18,7 +18,7 @@ from nmfx.passes.rewrite_masked import rewrite_masked
 from nmfx.passes.rewrite_modules import disable_fused_fast_path, rewrite_multihead_attention
 from nmfx.pattern import Pattern, PatternLike
 from nmfx.report import ReportRow, SparsifyRecord
-from nmfx.state import NMState
+from nmfx.state import STATE_SUFFIX, NMState, config_mismatch
 from nmfx.tracing import analysis_graph, install_scope, rewrite_scopes
 
 __all__ = ["sparsify", "step", "masks", "graphs", "is_sparsified", "states"]
@@ -110,6 +110,7 @@ def sparsify(
                                   status="skip", reason=f"used inside {module.module_type}.forward, which "
                                   f"cannot be traced ({module.reason})", frontend="per-module"))
     object.__setattr__(model, _RECORD_ATTR, SparsifyRecord(pattern, method, rows, frontend, note))
+    model.register_load_state_dict_pre_hook(_refuse_mismatched_checkpoint)
     if not any(row.status == "sparsified" for row in rows):
         reasons = sorted({row.reason for row in rows}) or ["no linear-like op with a parameter weight was found"]
         warnings.warn(f"nmfx.sparsify: nothing in {type(model).__name__} was sparsified ({'; '.join(reasons)[:300]}). "
@@ -118,14 +119,18 @@ def sparsify(
 
 
 def step(model: nn.Module) -> None:
-    """Advance every sparsified weight's schedule by one optimizer step (call after ``opt.step()``)."""
-    for owner, state in _owners(model):
+    """Advance every sparsified weight's schedule by one optimizer step (call after ``opt.step()``):
+    the step counter, alpha / SR-STE lambda, and the mask (at the method's interval and stage changes)."""
+    for name, state in states(model).items():
+        owner_name = name.rpartition(".")[0]
+        owner = model.get_submodule(owner_name) if owner_name else model
         state.advance(owner.get_parameter(state.param_name))
 
 
 def states(model: nn.Module) -> dict[str, NMState]:
     """``{weight qualified name: NMState}`` for every sparsified weight."""
-    return {_weight_name(model, owner, state): state for owner, state in _owners(model)}
+    return {path[: -len(STATE_SUFFIX)]: module for path, module in model.named_modules()
+            if isinstance(module, NMState)}
 
 
 def masks(model: nn.Module) -> dict[str, Tensor]:
@@ -150,18 +155,24 @@ def record(model: nn.Module) -> SparsifyRecord:
     return found
 
 
-def _owners(model: nn.Module) -> Iterator[tuple[nn.Module, NMState]]:
-    for owner in model.modules():
-        for child in owner.children():
-            if isinstance(child, NMState):
-                yield owner, child
-
-
-def _weight_name(model: nn.Module, owner: nn.Module, state: NMState) -> str:
-    for name, module in model.named_modules():
-        if module is owner:
-            return f"{name}.{state.param_name}" if name else state.param_name
-    raise LookupError("state owner not found in model")
+def _refuse_mismatched_checkpoint(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                                  unexpected_keys, error_msgs) -> None:
+    """Root ``load_state_dict`` pre-hook: it runs before anything is copied, so a checkpoint whose nmfx
+    state is missing (a dense model's) or differs (another pattern / method / shape) is refused whole."""
+    problems = []
+    for name, state in states(module).items():
+        key = f"{prefix}{name}{STATE_SUFFIX}._extra_state"
+        if key not in state_dict:
+            if strict:
+                problems.append(f"{name}: no nmfx state in the checkpoint (is it from a dense model? load a dense "
+                                "checkpoint before nmfx.sparsify, or pass strict=False)")
+            continue
+        mismatch = config_mismatch(state.config_dict(), state_dict[key])
+        if mismatch:
+            problems.append(f"{name}: {mismatch}")
+    if problems:
+        raise ValueError("refusing to load this checkpoint into the nmfx-sparsified model; nothing was loaded:\n  "
+                         + "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
 
 
 def _adopt_roles(gm: fx.GraphModule, graph_roles: dict[str, str], frontend: str, whole_model: bool) -> fx.GraphModule:

@@ -1,0 +1,146 @@
+"""Method configs: validation, serialization and the schedule of every method at chosen steps."""
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nmfx
+from nmfx.methods import MDGF, METHODS, SDGF, SRSTE, STE, Dense, resolve_method
+
+
+def test_resolve_by_name_and_options():
+    m = resolve_method("mdgf", decay="exponential", decay_coef=1e-4)
+    assert isinstance(m, MDGF) and m.decay == "exponential" and m.coef == 1e-4
+    assert resolve_method(" SDGF ", total_steps=10).name == "sdgf"
+    assert resolve_method(m, decay_coef=2e-4).decay_coef == 2e-4  # a config plus options
+
+
+@pytest.mark.parametrize("bad,match", [("foo", "valid methods: dense, ste, srste, mdgf, sdgf"), (3, "unknown method")])
+def test_unknown_method_lists_valid(bad, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_method(bad)
+
+
+def test_unknown_option_lists_valid():
+    with pytest.raises(ValueError, match="unknown option.*decay_rate.*valid options:.*decay_coef"):
+        resolve_method("mdgf", decay_rate=0.1)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"method": "mdgf", "decay": "cosine"}, {"method": "mdgf", "decay_coef": -1.0}, {"method": "mdgf", "gradient": "x"},
+    {"method": "srste", "srste_lambda": -1e-4}, {"method": "srste", "srste_lambda": float("nan")},
+    {"method": "ste", "total_steps": 0}, {"method": "ste", "mask_interval": 0}, {"method": "ste", "dense_steps": -1},
+    {"method": "ste", "dense_steps": 0.1}, {"method": "ste", "total_steps": 10, "dense_steps": 1.5},
+    {"method": "ste", "total_steps": 10, "dense_steps": 6, "fine_tune_steps": 5}, {"method": "ste", "fine_tune_steps": 3},
+    {"method": "sdgf"}, {"method": "sdgf", "total_steps": 10, "schedule": "linear"}, {"method": "sdgf", "total_steps": 10, "schedule": []},
+    {"method": "sdgf", "total_steps": 10, "schedule": ["2:8", "x"]},
+])
+def test_invalid_configs(kwargs):
+    with pytest.raises(ValueError):
+        resolve_method(**kwargs)
+
+
+@pytest.mark.parametrize("method", [Dense(), STE(total_steps=9), SRSTE(srste_lambda=1e-3), MDGF(total_steps=50, decay="exponential"),
+                                    SDGF(total_steps=100, schedule=["4:8", "2:8", "1:8"], dense_steps=0.1)])
+def test_json_round_trip(method):
+    data = json.loads(json.dumps(method.to_dict()))
+    assert data["version"] == 1 and data["method"] == method.name
+    assert resolve_method(data) == method
+
+
+def test_newer_config_version_refused():
+    with pytest.raises(ValueError, match="newer"):
+        resolve_method({"method": "ste", "version": 99})
+
+
+def test_configs_are_frozen_and_comparable():
+    a, b = MDGF(total_steps=10), MDGF(total_steps=10)
+    assert a == b and hash(a) == hash(b)
+    with pytest.raises(Exception):
+        a.total_steps = 3
+
+
+# -- schedules ----------------------------------------------------------------------------------
+
+def test_dense_is_dense_forever():
+    s = Dense(total_steps=10).state_at(50, "1:8")
+    assert (s.phase, s.alpha, s.srste_lambda) == ("dense", 1.0, 0.0)
+
+
+def test_ste_and_srste_phases():
+    m = SRSTE(total_steps=100, dense_steps=10, fine_tune_steps=20)
+    assert m.state_at(9, "1:8").phase == "dense" and m.state_at(9, "1:8").srste_lambda == 0.0
+    mid = m.state_at(10, "1:8")
+    assert (mid.phase, mid.alpha, mid.srste_lambda, mid.mask_frozen) == ("sparse", 0.0, 2e-4, False)
+    end = m.state_at(80, "1:8")
+    assert (end.phase, end.alpha, end.mask_frozen) == ("fine_tune", 0.0, True)
+
+
+def test_mdgf_linear_official_default_without_total_steps():
+    m = MDGF()
+    assert m.state_at(0, "1:8").alpha == 1.0
+    assert m.state_at(2500, "1:8").alpha == pytest.approx(0.5)
+    assert m.state_at(5000, "1:8").alpha == 0.0  # 2e-4 reaches 0 after 5,000 steps
+    assert m.state_at(9000, "1:8").alpha == 0.0
+
+
+def test_mdgf_clock_starts_after_dense_warmup():
+    m = MDGF(decay_coef=0.01, dense_steps=100)
+    assert m.state_at(99, "1:8").alpha == 1.0 and m.state_at(99, "1:8").phase == "dense"
+    assert m.state_at(150, "1:8").alpha == pytest.approx(0.5)
+
+
+def test_mdgf_exponential():
+    m = MDGF(decay="exponential", decay_coef=1e-4)
+    assert m.state_at(10_000, "1:32").alpha == pytest.approx(math.exp(-1))
+
+
+@pytest.mark.parametrize("decay", ["linear", "exponential"])
+def test_mdgf_fits_total_steps_and_ends_hard(decay):
+    m = MDGF(total_steps=1000, decay=decay)
+    alphas = [m.state_at(s, "1:8").alpha for s in range(0, 1001, 50)]
+    assert alphas[0] == 1.0 and all(a >= b for a, b in zip(alphas, alphas[1:]))
+    assert m.state_at(999, "1:8").alpha < 0.01
+    assert m.state_at(1000, "1:8").alpha == 0.0
+
+
+@pytest.mark.parametrize("target,schedule,expected", [
+    ("1:8", "stepwise", ["7:8", "4:8", "2:8", "1:8"]),
+    ("1:16", "stepwise", ["15:16", "8:16", "4:16", "2:16", "1:16"]),
+    ("2:4", "stepwise", ["3:4", "2:4"]),
+    ("1:8", "geometric", ["8:64", "4:32", "2:16", "1:8"]),
+    ("1:16", "geometric", ["8:128", "4:64", "2:32", "1:16"]),
+    ("1:8", "densify", ["1:64", "1:32", "1:16", "1:8"]),
+])
+def test_sdgf_stages(target, schedule, expected):
+    assert [str(p) for p in SDGF(total_steps=10, schedule=schedule).patterns(target)] == expected
+
+
+def test_sdgf_equal_stages_over_the_sparse_phase():
+    m = SDGF(total_steps=100, dense_steps=20)  # sparse phase 20..99, 4 stages of 20 steps for 1:8
+    got = {s: str(m.state_at(s, "1:8").pattern) for s in (0, 20, 39, 40, 60, 80, 99, 100, 500)}
+    assert got == {0: "7:8", 20: "7:8", 39: "7:8", 40: "4:8", 60: "2:8", 80: "1:8", 99: "1:8", 100: "1:8", 500: "1:8"}
+    assert all(m.state_at(s, "1:8").alpha == 0.0 for s in (20, 99))
+
+
+def test_sdgf_explicit_list_must_end_at_target():
+    with pytest.raises(ValueError, match="must end at the target"):
+        SDGF(total_steps=10, schedule=["4:8", "2:8"]).patterns("1:8")
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(list(METHODS)), st.integers(1, 500), st.floats(0, 0.4), st.floats(0, 0.4), st.integers(0, 600),
+       st.sampled_from(["2:4", "1:8", "1:16", "1:32"]))
+def test_every_method_ends_hard_at_target(name, total, dense, fine, extra, target):
+    options = {"decay": "exponential"} if name == "mdgf" and extra % 2 else {}
+    method = resolve_method(name, total_steps=total, dense_steps=dense, fine_tune_steps=fine, **options)
+    end = method.state_at(total + extra, target)
+    assert str(end.pattern) == target
+    assert end.alpha == (1.0 if name == "dense" else 0.0)
+    for step in range(0, total, max(1, total // 7)):
+        s = method.state_at(step, target)
+        assert 0.0 <= s.alpha <= 1.0
+        assert s.pattern.density >= nmfx.Pattern.parse(target).density
