@@ -1,0 +1,5 @@
+import sys
+
+from nmfx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,154 @@
+"""``python -m nmfx``: ``demo`` (train dense vs N:M on the built-in digits) and ``inspect`` (sparsify a
+model spec and print the report and the rewritten graphs)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["main", "build_spec", "train_digits"]
+
+_TRANSFORMERS = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=64)),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256)),
+    "bert": ("BertForSequenceClassification", "BertConfig", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                                                 num_attention_heads=4, vocab_size=256)),
+    "t5": ("T5ForConditionalGeneration", "T5Config", dict(num_layers=2, d_model=64, d_ff=128, num_heads=4, d_kv=16, vocab_size=256)),
+    "vit": ("ViTForImageClassification", "ViTConfig", dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                                                           num_attention_heads=4, intermediate_size=128, num_labels=10)),
+}
+
+
+def build_spec(spec: str) -> tuple[nn.Module, Any]:
+    """(model with random weights, example inputs or None) for ``transformers:NAME``,
+    ``torchvision:NAME``, ``nmfx:tinyvit`` or ``package.module:factory``."""
+    source, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"model spec {spec!r}: expected SOURCE:NAME, e.g. transformers:gpt2, torchvision:vit_b_16, "
+                         "nmfx:tinyvit or mypackage.models:make_model")
+    if source == "transformers":
+        if name not in _TRANSFORMERS:
+            raise ValueError(f"unknown transformers model {name!r}; built-in small configs: {', '.join(_TRANSFORMERS)}")
+        transformers = importlib.import_module("transformers")
+        transformers.logging.set_verbosity_error()
+        model_cls, config_cls, config = _TRANSFORMERS[name]
+        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config)), None
+    if source == "torchvision":
+        models = importlib.import_module("torchvision.models")
+        model = models.get_model(name, weights=None)
+        return model, torch.randn(1, 3, 224, 224)
+    if source == "nmfx" and name == "tinyvit":
+        from nmfx.examples import TinyViT
+        return TinyViT(), torch.randn(2, 1, 8, 8)
+    factory: Callable[[], nn.Module] = getattr(importlib.import_module(source), name)
+    return factory(), None
+
+
+def train_digits(pattern: Optional[str], method: str, steps: int, seed: int = 0, progress: bool = True,
+                 **method_options: Any) -> dict[str, Any]:
+    """Train a TinyViT on the built-in digits, dense (``pattern=None``) or sparsified; returns metrics."""
+    import nmfx
+    from nmfx.examples import TinyViT, digits
+    from tqdm.auto import tqdm
+
+    x_train, y_train, x_test, y_test = digits(seed=seed)
+    torch.manual_seed(seed)
+    model = TinyViT()
+    if pattern is not None:
+        nmfx.sparsify(model, pattern, method, example_inputs=(x_train[:2],), total_steps=steps, **method_options)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    label = "dense" if pattern is None else f"{pattern} {method}"
+    bar = tqdm(range(steps), desc=f"{label:>12}", disable=not progress, leave=True, ncols=90)
+    start = time.perf_counter()
+    model.train()
+    for _ in bar:
+        idx = torch.randint(0, len(x_train), (64,), generator=g)
+        loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if pattern is not None:
+            nmfx.step(model)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    with torch.no_grad():
+        logits = model(x_test)
+    return {"model": model, "loss": nn.functional.cross_entropy(logits, y_test).item(),
+            "accuracy": (logits.argmax(-1) == y_test).float().mean().item(), "seconds": time.perf_counter() - start}
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import nmfx
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"nmfx demo: a small ViT on the built-in 8x8 digits ({args.steps} steps), dense vs {args.pattern} {args.method}\n")
+    dense = train_digits(None, args.method, args.steps, progress=not args.quiet)
+    sparse = train_digits(args.pattern, args.method, args.steps, progress=not args.quiet)
+    print()
+    print(f"{'model':<16}{'test loss':>10}{'test acc':>10}{'train s':>9}")
+    for name, run in (("dense", dense), (f"{args.pattern} {args.method}", sparse)):
+        print(f"{name:<16}{run['loss']:>10.3f}{run['accuracy']:>10.3f}{run['seconds']:>9.1f}")
+    print()
+    print(nmfx.report(sparse["model"]))
+    gm = next(iter(nmfx.graphs(sparse["model"]).values()))
+    print("\nRewritten graph of blocks.0 (first lines; see `python -m nmfx inspect nmfx:tinyvit`):")
+    print("\n".join(gm.code.strip().splitlines()[:8]))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import nmfx
+
+    model, example_inputs = build_spec(args.spec)
+    options = {"total_steps": args.total_steps} if args.method == "sdgf" else {}
+    nmfx.sparsify(model, args.pattern, args.method, example_inputs=example_inputs,
+                  include=args.include, exclude=args.exclude, **options)
+    print(nmfx.report(model))
+    graphs = nmfx.graphs(model)
+    for name, gm in list(graphs.items())[: args.graphs]:
+        print(f"\n# {name} ({type(gm).__name__})\n{gm.code.strip()}")
+    if len(graphs) > args.graphs:
+        print(f"\n... {len(graphs) - args.graphs} more rewritten graphs (--graphs N to show more)")
+    if args.dot:
+        with open(args.dot, "w") as f:
+            for name, gm in graphs.items():
+                f.write(f"// {name}\n{nmfx.to_dot(gm)}\n")
+        print(f"\nwrote Graphviz source of {len(graphs)} graphs to {args.dot}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nmfx", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train a small ViT on digits, dense vs N:M sparse")
+    demo.add_argument("--pattern", default="1:8")
+    demo.add_argument("--method", default="sdgf")
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(run=_demo)
+    inspect = sub.add_parser("inspect", help="sparsify a model spec; print the report and rewritten graphs")
+    inspect.add_argument("spec", help="transformers:gpt2|llama|bert|t5|vit, torchvision:NAME, nmfx:tinyvit or pkg.module:factory")
+    inspect.add_argument("--pattern", default="1:8")
+    inspect.add_argument("--method", default="ste")
+    inspect.add_argument("--total-steps", type=int, default=1000, help="for methods with schedules (sdgf)")
+    inspect.add_argument("--include", action="append")
+    inspect.add_argument("--exclude", action="append")
+    inspect.add_argument("--graphs", type=int, default=1, help="how many rewritten graphs to print")
+    inspect.add_argument("--dot", help="write the rewritten graphs as Graphviz source to this file")
+    inspect.set_defaults(run=_inspect)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
