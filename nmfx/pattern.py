@@ -113,15 +113,17 @@ def nm_mask(weight: torch.Tensor, pattern: PatternLike, dim: int = -1) -> torch.
         return torch.ones_like(weight, dtype=torch.bool)
     n, m = pattern.n, pattern.m
     moved = weight.detach().movedim(dim, -1)
-    # |w| with NaN mapped below every magnitude (-1), computed once; +inf stays the largest.
-    score = moved.abs().nan_to_num_(nan=-1.0, posinf=float("inf"))
+    # |w| (our own temporary, modified in place below) with NaN mapped below every magnitude.
+    score = moved.abs()
+    if score.isnan().any():
+        score.nan_to_num_(nan=-1.0, posinf=float("inf"))
     groups = score.reshape(*moved.shape[:-1], size // m, m)
     positions = torch.arange(m, device=weight.device)
     if n == 1:
         keep = positions == groups.argmax(dim=-1, keepdim=True)
     elif n == 2:
         first = groups.argmax(dim=-1, keepdim=True)
-        second = groups.scatter(-1, first, -2.0).argmax(dim=-1, keepdim=True)
+        second = groups.scatter_(-1, first, -2.0).argmax(dim=-1, keepdim=True)
         keep = (positions == first) | (positions == second)
     else:
         order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
