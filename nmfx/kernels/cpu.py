@@ -38,7 +38,7 @@ _ISA_NEEDS = {
     "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"},
     "avx2": {"avx2", "fma", "f16c"},
 }
-_COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-std=c++17"]
+_COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]
 
 _lock = threading.Lock()
 _module = None

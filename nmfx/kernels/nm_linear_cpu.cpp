@@ -52,7 +52,8 @@ namespace nmfx_cpu {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define NMFX_ISA "avx512"
 constexpr int VW = 16;
-constexpr int RB = 4;  // rows per register tile (RB * NV accumulators <= 16 of 32 zmm)
+// Rows per register tile for NV accumulator vectors per row (RB * NV <= 16 of 32 zmm).
+template <int NV> constexpr int rows_per_tile() { return NV <= 2 ? 8 : 4; }
 using Vf = __m512;
 using Vi = __m512i;
 static inline Vf vzero() { return _mm512_setzero_ps(); }
@@ -108,7 +109,8 @@ struct Decoder {
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define NMFX_ISA "avx2"
 constexpr int VW = 8;
-constexpr int RB = 2;  // 2 * NV(<=4) accumulators + broadcasts within 16 ymm
+// Rows per register tile: RB * NV accumulators + broadcasts within 16 ymm.
+template <int NV> constexpr int rows_per_tile() { return NV == 1 ? 8 : NV == 2 ? 4 : 2; }
 using Vf = __m256;
 using Vi = __m256i;
 static inline Vf vzero() { return _mm256_setzero_ps(); }
@@ -168,7 +170,7 @@ struct Decoder {
 #else
 #define NMFX_ISA "scalar"
 constexpr int VW = 1;
-constexpr int RB = 4;
+template <int NV> constexpr int rows_per_tile() { return 4; }
 using Vf = float;
 using Vi = int32_t;
 static inline Vf vzero() { return 0.f; }
@@ -201,7 +203,8 @@ template <typename T>
 static inline float to_f(T v) { return static_cast<float>(v); }
 
 constexpr int CH = 256;            // kept values decoded per chunk
-constexpr int kGemvMaxBatch = 4;   // B <= this: gather path; else batched (tuned, see "Measured")
+constexpr int kGemvMaxBatch = 1;   // B <= this: gather path; else batched (tuned, see "Measured")
+constexpr int kMaxNV = 4;          // widest batch tile, in vectors
 constexpr int RG = 16;             // output rows per write-back group in the batched path
 
 // ---------------------------------------------------------------------------------------------
@@ -219,6 +222,8 @@ static inline int32_t position_scalar(const uint8_t* row, int64_t avail, int bit
 static inline void decode_cols(const Decoder& D, const uint8_t* row, int64_t avail, const int32_t* colbase,
                                int64_t k0, int cnt, int32_t mul, int32_t* out) {
   int i = 0;
+  for (; i < cnt && ((k0 + i) % VW) != 0; ++i)  // scalar head up to a vector boundary
+    out[i] = (colbase[k0 + i] + position_scalar(row, avail, D.bits, k0 + i)) * mul;
   for (; i + VW <= cnt; i += VW) {
     Vi c = vadd_i(D.positions(row, avail, k0 + i), viload(colbase + k0 + i));
     if (mul != 1) c = vmul_i(c, mul);
@@ -371,6 +376,7 @@ static void run_batched(const Problem& P, const T* x, const T* vals, const uint8
         const int64_t o0 = g * RG;
         const int rows = static_cast<int>(std::min<int64_t>(RG, P.out - o0));
         int r = 0;
+        constexpr int RB = rows_per_tile<NV>();
         for (; r + RB <= rows; r += RB)
           tile_rows<T, RB, NV>(P, D, vals + (o0 + r) * P.K, idx + (o0 + r) * P.row_bytes, (P.out - o0 - r) * P.row_bytes,
                                xt, obuf + r * BT);
@@ -393,8 +399,10 @@ static void dispatch(const Problem& P, const T* x, const T* vals, const uint8_t*
                      int64_t path) {
   const bool gemv = path == 1 || (path == 0 && P.B <= kGemvMaxBatch);
   if (gemv) return run_gemv<T>(P, x, vals, idx, bias, y);
-  // Batch-tile width: the fewest vectors that cover B (padding waste), at most 4.
-  const int64_t nv = std::min<int64_t>(4, (P.B + VW - 1) / VW);
+  // Batch-tile width: the fewest vectors that cover B (padding waste), at most kMaxNV.
+  int64_t nv = std::min<int64_t>(kMaxNV, (P.B + VW - 1) / VW);
+  if (nv == 3) nv = 4;  // 4 rows x 3 vectors measured slower than one padded 4-vector tile
+  if (path >= 21 && path <= 24) nv = path - 20;  // benchmarking knob: force NV
   switch (nv) {
     case 1: return run_batched<T, 1>(P, x, vals, idx, bias, y);
     case 2: return run_batched<T, 2>(P, x, vals, idx, bias, y);
