@@ -10,9 +10,10 @@ from nmfx.api import graphs, is_sparsified, masks, sparsify, states, step
 from nmfx.methods import MDGF, SDGF, SRSTE, STE, Dense, Method, resolve_method
 from nmfx.pattern import MAX_M, Pattern, nm_mask
 from nmfx.report import report, to_dot, to_networkx
+from nmfx.stats import stats
 
 __all__ = [
-    "sparsify", "step", "masks", "states", "graphs", "report", "is_sparsified", "to_networkx", "to_dot",
+    "sparsify", "step", "stats", "masks", "states", "graphs", "report", "is_sparsified", "to_networkx", "to_dot",
     "Pattern", "nm_mask", "MAX_M", "Method", "Dense", "STE", "SRSTE", "MDGF", "SDGF", "resolve_method", "ops",
 ]
 __version__ = "0.1.0"

@@ -77,7 +77,8 @@ class NMState(nn.Module):
         due = int(self.step) % self.method.mask_interval == 0 and not state.mask_frozen
         if force or pattern_changed or due:
             new_mask = nm_mask(_full(weight), state.pattern, dim=self.dim)
-            self.last_flip_rate.copy_((new_mask != self.mask).float().mean())
+            flips = torch.zeros(()) if force else (new_mask != self.mask).float().mean()
+            self.last_flip_rate.copy_(flips)
             self.mask.copy_(new_mask)
             self._mask_pattern = state.pattern
 

@@ -208,3 +208,29 @@ def test_compiled_training_matches_eager_without_recompiles():
     for (k, a), (_, b) in zip(eager.state_dict().items(), compiled_model.state_dict().items()):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_stats_hand_computed():
+    """One 1:2 layer with known weights and gradients: every number checked by hand."""
+    model = nn.Sequential(nn.Linear(4, 2, bias=False), nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, -3.0, 0.5, 0.25], [2.0, 1.0, -1.0, 4.0]]))
+    nmfx.sparsify(model, "1:2", "mdgf", total_steps=4)  # model[1] is the head: skipped
+    model[0].weight.grad = torch.tensor([[3.0, 4.0, 1.0, 2.0], [0.0, 1.0, 2.0, 2.0]])
+    s = nmfx.stats(model)
+    # mask: row0 keeps -3 (pos 1) and 0.5 (pos 2); row1 keeps 2 (pos 0) and 4 (pos 3)
+    kept = [4.0, 1.0, 0.0, 2.0]
+    pruned = [3.0, 2.0, 1.0, 2.0]
+    assert s["nmfx/0.weight/sparsity"] == 0.5 and s["nmfx/sparsity"] == 0.5
+    assert s["nmfx/0.weight/alpha"] == 1.0 and (s["nmfx/0.weight/n"], s["nmfx/0.weight/m"]) == (1.0, 2.0)
+    assert s["nmfx/0.weight/flip_rate"] == 0.0
+    assert s["nmfx/0.weight/grad_norm_kept"] == pytest.approx(sum(v * v for v in kept) ** 0.5)
+    assert s["nmfx/0.weight/grad_norm_pruned"] == pytest.approx(sum(v * v for v in pruned) ** 0.5)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[3.0, -1.0, 0.5, 0.25], [2.0, 1.0, -1.0, 4.0]]))  # one group flips
+    nmfx.step(model)
+    s = nmfx.stats(model)
+    assert s["nmfx/0.weight/flip_rate"] == pytest.approx(2 / 8)
+    assert s["nmfx/0.weight/alpha"] == pytest.approx(0.75) and s["nmfx/step"] == 1.0
+    model[0].weight.grad = None
+    assert "nmfx/grad_norm_kept" not in nmfx.stats(model)
