@@ -11,6 +11,7 @@ Per sparsified weight ``<name>`` and overall (``nmfx/...``):
   ``backward()`` and ``zero_grad()``).
 
 All numbers are gathered into one tensor and read with a single ``tolist()`` (one device sync).
+Under FSDP2 the gradients are sharded DTensors and are gathered: call ``stats`` on every rank.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def stats(model: nn.Module, per_layer: bool = True, prefix: str = "nmfx/") -> di
         kept = mask.sum()
         row = [1.0 - kept / mask.numel(), state.alpha.float(), state.last_flip_rate, float("nan"), float("nan")]
         grad = weight.grad
+        if grad is not None and hasattr(grad, "full_tensor"):
+            grad = grad.full_tensor()  # FSDP2: a collective, hence "call on every rank"
         if grad is not None and grad.shape == mask.shape:
             squared = grad.detach().float().square()
             kept_sq = torch.where(mask, squared, 0.0).sum()
