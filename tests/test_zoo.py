@@ -164,11 +164,17 @@ def build_vit():
 
 
 def build_torchvision_vit():
-    pytest.importorskip("torchvision")
-    from torchvision.models.vision_transformer import VisionTransformer
+    try:  # skip cleanly when torchvision is missing or broken (e.g. a build for another torch)
+        from torchvision.models.vision_transformer import VisionTransformer
+    except Exception as error:
+        pytest.skip(f"torchvision is not usable: {type(error).__name__}: {error}")
 
-    return VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=HIDDEN, mlp_dim=64,
-                             num_classes=4, dropout=0.1)
+    model = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=HIDDEN, mlp_dim=64,
+                              num_classes=4, dropout=0.1)
+    with torch.no_grad():  # torchvision zero-initialises the head, which would make every output 0
+        nn.init.normal_(model.heads.head.weight, std=0.2)
+        nn.init.normal_(model.heads.head.bias, std=0.2)
+    return model
 
 
 def build_bare_mha():
