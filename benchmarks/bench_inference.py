@@ -59,6 +59,33 @@ def cpu_info() -> dict:
     return info
 
 
+def _cpu_busy(interval: float = 0.5) -> float:
+    """Fraction of all CPUs busy over `interval` (from /proc/stat); 0.0 where unavailable."""
+    try:
+        def sample():
+            with open("/proc/stat") as f:
+                v = [int(t) for t in f.readline().split()[1:]]
+            return sum(v), v[3] + v[4]
+
+        t0, i0 = sample()
+        time.sleep(interval)
+        t1, i1 = sample()
+        return 1.0 - (i1 - i0) / max(1, t1 - t0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def wait_quiet(max_busy: float, max_wait_s: float) -> float:
+    """Block until other processes leave the CPUs mostly idle (2-thread timings on a shared 2-core
+    machine are otherwise dominated by descheduled OpenMP threads). Returns the last busy fraction."""
+    deadline = time.monotonic() + max_wait_s
+    busy = _cpu_busy()
+    while busy > max_busy and time.monotonic() < deadline:
+        time.sleep(2.0)
+        busy = _cpu_busy()
+    return busy
+
+
 def timeit(fn, min_reps: int, max_reps: int, budget_s: float) -> float:
     """Median seconds of fn() over reps chosen to fit budget_s (after 2 warmups)."""
     fn()
@@ -81,6 +108,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096, help="out = in = size")
     parser.add_argument("--no-csr", action="store_true", help="skip torch CSR")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+        help="before each row, wait up to SECONDS for other processes to leave the CPUs idle (<10%% busy)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -114,6 +145,7 @@ def main() -> None:
                     return nm_linear(x, packed.values, packed.indices, None, n, m, bits, "cpu")
 
                 err = (run_nmfx().double() - y_ref).abs().max().item()
+                busy = wait_quiet(0.10, args.wait_quiet) if args.wait_quiet > 0 else None
                 t_nmfx = timeit(run_nmfx, min_reps, max_reps, budget)
                 t_dense = timeit(lambda: F.linear(x, w), min_reps, max_reps, budget)
                 t_csr = None
@@ -137,6 +169,7 @@ def main() -> None:
                     "nmfx_max_abs_err_vs_fp64": err,
                     "nmfx_weight_bytes": packed.nbytes,
                     "dense_weight_bytes": w.numel() * w.element_size(),
+                    "cpu_busy_before": busy,
                 }
                 if csr_note:
                     row["csr_note"] = csr_note

@@ -15,20 +15,43 @@
 // Accumulation is always fp32; bf16/fp16 are widened to fp32 in registers, rounded once on store.
 //
 // Two algorithms, picked by batch size:
-//  * GEMV path (B <= kGemvMaxBatch): per output row, decode a chunk of columns, then for VW kept
-//    values at a time: load VW values, gather VW x-elements (vgatherdps), FMA; up to 4 batch rows
-//    share each decoded index/value vector. The weight stream (values + indices) is read once.
+//  * GEMV path (B == 1; path=1 forces it for any B): per output row, for VW kept values at a time:
+//    decode VW columns into a vector, load + widen VW values, gather VW x-elements (vgatherdps), FMA;
+//    up to 4 batch rows share each decoded index/value vector. The weights are read once.
 //  * Batched path: x is packed once into batch tiles xT[tile][in][BT] (fp32, BT = NV*VW lanes,
 //    zero-padded). For each output row and kept value (w, c):  acc[0:BT] += w * xT[c, 0:BT]  -- a
 //    broadcast FMA against contiguous batch lanes, no gather. Register tile: RB rows x NV vectors
-//    (AVX-512: 4 x 4 zmm accumulators = 4 outputs x 64 batch). Each thread owns a range of 16-row
+//    (AVX-512: 8 x 1, 8 x 2 or 4 x 4 zmm accumulators, i.e. up to 4 outputs x 64 batch lanes). Each thread owns a range of 16-row
 //    output groups and sweeps them once per batch tile, so the xT tile (in*BT*4 bytes, 1 MiB at
 //    in=4096/BT=64) stays in L2 and the weights stream from L3 once per tile. Results go through a
 //    16 x BT local buffer and are written transposed as contiguous 16-float pieces of y rows.
 //
-// What bounds each case (AMD EPYC Zen 4, 2 threads, 4096 x 4096, fp32; see benchmarks/): filled in
-// from profiling below (section "Measured").
+// Index decode: positions come either one per byte (vpmovzxbd) or bit-packed (b = 1..5 bits): for VW
+// values starting at a multiple of 8, load the 2b (AVX-512) / b (AVX2) bytes holding them, broadcast
+// to every 128-bit lane, vpshufb the two bytes covering each value into its dword, vpsrlvd by the bit
+// offset, mask. ~5 instructions per 16 positions; the bit-packed layout costs about the same as bytes
+// and reads 3/8 (1:8) of their bytes, so the stored format is what the kernel reads (no decode cache).
 //
+// Measured (AMD EPYC Zen 4, 2.6 GHz, 2 threads, 4096 x 4096, 1:8; dense F.linear fp32: 3.0 ms at B=1,
+// 6.0 ms at 8, 15.4 ms at 64, 48-50 ms at 256; see benchmarks/bench_inference.py):
+//  * B = 1, gather path: 0.42-0.52 ms fp32 (6-7.6x dense), bf16 about the same. Compute-bound on
+//    vgatherdps (~22 cycles per 16-lane gather on Zen 4, ~1.3 cycles per kept value per core); the
+//    memory floor (8.75 MB of values + 3-bit indices at the ~21 GB/s these 2 cores stream) is 0.42 ms,
+//    so both limits are close. Dense F.linear is DRAM-bound (64 MB at ~21 GB/s). Using the gather path
+//    for B = 2..4 was slower than one 16-lane batch tile (gathers are not shared between batch rows).
+//  * B = 2..16 (one 16-lane tile, 8 rows x 1 zmm): ~0.8 ms, flat in B: bound by per-kept-value work
+//    (offset load, broadcast, address, 1 FMA; plus 1/16 of a decode) rather than by FMAs.
+//  * B >= 32 (tiles of 64 lanes, 4 rows x 4 zmm): ~36-40 GFLOP/s per core of useful FMAs (~0.45 zmm
+//    FMA/cycle, peak is 1): bound by L1 refills from L2. Each broadcast-FMA needs a fresh 64-byte line
+//    of xT (kept columns are scattered, the xT tile is 256 KB-1 MB), and Zen 4 sustains about half a
+//    line per cycle from L2. Tried and reverted: K-blocking so an x block stays in L1 (accumulators
+//    spilled to an L2 buffer per block): 1.2-2x slower, because the weights are then read in short
+//    per-row slices and the accumulators round-trip. 1:8 still runs 3.4-4.8x faster than dense.
+//  * bf16: x is widened once into the fp32 xT tiles and values in 256-value chunks, so the batched
+//    path costs what fp32 costs; dense bf16 (oneDNN, avx512_bf16) is 2-3x faster than dense fp32, so
+//    the speedups over dense are smaller in bf16 although absolute times are equal.
+//  * Denser patterns (2:4, 1:4, 2:8) at large batch are FMA/L2-bound at the same ~40 GFLOP/s per core
+//    while dense GEMM reaches ~90 per core, so 2:4 loses to dense at B >= 64.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
