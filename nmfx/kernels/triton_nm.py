@@ -42,11 +42,13 @@ vs dense); 1:32 2.625 vs 3 B (24.4x vs 21.3x); 2:4 2.25 vs 3 B per kept (1.78x v
 bit-packed read costs a few integer ops per kept value, which are free in a memory-bound kernel, and
 no second copy of the indices is needed on the device.
 
-``TRITON_INTERPRET`` is read by Triton when a kernel is *decorated*, so this module does not decorate
-at import: the kernels are plain functions, wrapped with ``triton.jit`` (and ``triton.autotune`` off
-the interpreter) on first use, once per mode; the mode is read at each call. So setting
-``TRITON_INTERPRET=1`` (e.g. ``monkeypatch.setenv``) at any time before a call takes effect, whatever
-was imported first.
+Interpreter: ``TRITON_INTERPRET`` is read by Triton when a function is *decorated*, and Triton's own
+standard library (``tl.zeros``, ``tl.sum``, ``tl.cdiv``, ...) is decorated when ``triton.language`` is
+first imported. So the interpreter works only if ``TRITON_INTERPRET=1`` is in the environment before
+the process first imports triton (torch may import it too); setting it later is detected and refused
+with that explanation (:func:`unavailable_reason`) instead of failing inside the kernel. This module
+decorates its own kernels lazily, once per mode, reading the mode at each call, so importing nmfx
+never fixes the mode. The tests run the interpreter cases in a subprocess for that reason.
 """
 
 from __future__ import annotations
@@ -84,9 +86,24 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _stdlib_interpreted() -> bool:
+    """Whether triton.language's own jit functions were decorated for the interpreter (at its import)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return isinstance(tl.zeros, InterpretedFunction)
+    except Exception:  # pragma: no cover - layout of another triton version
+        return interpreting()
+
+
 def available() -> bool:
-    """Triton importable and either CUDA available or the interpreter on (``TRITON_INTERPRET=1``)."""
-    return triton is not None and (interpreting() or torch.cuda.is_available())
+    """Triton importable and either CUDA available or the interpreter on (``TRITON_INTERPRET=1``, set
+    before triton was imported; see the module docstring)."""
+    if triton is None:
+        return False
+    if interpreting():
+        return _stdlib_interpreted()
+    return torch.cuda.is_available() and not _stdlib_interpreted()
 
 
 def unavailable_reason(*tensors: torch.Tensor) -> Optional[str]:
@@ -94,9 +111,17 @@ def unavailable_reason(*tensors: torch.Tensor) -> Optional[str]:
     if triton is None:
         return f"triton is not importable ({_IMPORT_ERROR})"
     if interpreting():
+        if not _stdlib_interpreted():
+            return (
+                "TRITON_INTERPRET=1 was set after triton was imported, and Triton decorates its standard "
+                "library (tl.zeros, tl.sum, ...) at import: set TRITON_INTERPRET=1 in the environment before "
+                "the process first imports triton (or torch.compile / inductor imports it)"
+            )
         return None
+    if _stdlib_interpreted():
+        return "triton was imported with TRITON_INTERPRET=1 but it is unset now: compiled kernels cannot run in this process"
     if not torch.cuda.is_available():
-        return "CUDA is not available (set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors)"
+        return "CUDA is not available (to run the Triton kernels on CPU tensors, start the process with TRITON_INTERPRET=1)"
     devices = {t.device for t in tensors if t is not None}
     if any(d.type != "cuda" for d in devices) or len(devices) > 1:
         return f"the Triton kernels need all tensors on one CUDA device, got {sorted(map(str, devices))}"

@@ -1,0 +1,271 @@
+"""The Triton kernels for nmfx::nm_linear against the plain-torch reference.
+
+The kernels run on CPU tensors in Triton's interpreter, which only works when ``TRITON_INTERPRET=1`` is
+in the environment before triton is first imported (Triton decorates its standard library at import;
+torch and other test files may import triton first). So in a normal run the interpreter tests (the
+``interp`` fixture) skip, and ``test_interpreter_tests_in_subprocess`` reruns this file in a child
+``python -m pytest`` with ``TRITON_INTERPRET=1`` set, where they run. ``TRITON_INTERPRET=1 pytest
+tests/test_triton.py`` runs them directly. Shapes are small: the interpreter executes every program of
+the grid in Python. CUDA tests (compiled, autotuned) skip without a GPU. The whole file skips when
+triton is not installed.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import nmfx.inference_ops as ops  # noqa: E402
+from nmfx.inference_ops import nm_linear_reference  # noqa: E402
+from nmfx.kernels import triton_nm  # noqa: E402
+from nmfx.kernels.triton_nm import nm_linear_triton  # noqa: E402
+from nmfx.packed import pack_nm  # noqa: E402
+from nmfx.pattern import Pattern  # noqa: E402
+
+PATTERNS = ["2:4", "1:4", "2:8", "1:8", "1:16", "1:32", "3:8"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+#: This process imported triton with TRITON_INTERPRET=1, so interpreted kernels run here.
+IN_INTERPRETER = triton_nm.interpreting() and triton_nm.available()
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or IN_INTERPRETER, reason="needs CUDA (compiled kernels)")
+
+
+@pytest.fixture
+def interp():
+    """The kernels run in Triton's CPU interpreter in this process (else: skip, the subprocess runs it)."""
+    if not IN_INTERPRETER:
+        pytest.skip("interpreter test: runs in the TRITON_INTERPRET=1 child of test_interpreter_tests_in_subprocess")
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="already running under TRITON_INTERPRET=1")
+def test_interpreter_tests_in_subprocess():
+    """Every interpreter test of this file, in a child pytest started with TRITON_INTERPRET=1."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x", "-p", "no:cacheprovider",
+           "-o", "addopts=", "-W", "ignore::pytest.PytestUnknownMarkWarning"]
+    res = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                         timeout=900)
+    tail = (res.stdout[-8000:] + "\n" + res.stderr[-4000:]).strip()
+    assert res.returncode == 0, f"interpreter tests failed (rc={res.returncode}):\n{tail}"
+    assert " passed" in res.stdout and " failed" not in res.stdout, tail
+
+
+def _case(pattern, dtype, batch_shape, inp_groups, out, seed, with_bias, device="cpu"):
+    p = Pattern.parse(pattern)
+    g = torch.Generator().manual_seed(seed)
+    inp = inp_groups * p.m
+    w = torch.randn(out, inp, generator=g).to(dtype)
+    x = torch.randn(*batch_shape, inp, generator=g).to(dtype)
+    b = torch.randn(out, generator=g).to(dtype) if with_bias else None
+    packed = pack_nm(w, p)
+    if device != "cpu":
+        packed, x = packed.to(device), x.to(device)
+        b = None if b is None else b.to(device)
+    return p, packed, x, b
+
+
+def _assert_matches(y, x, packed, b, idx=None, bits=None):
+    """Within an fp64 bound: |y - exact| <= (2 eps(dtype) + K eps(fp32)) (|x| @ |W|^T + |b|); and
+    close to the reference oracle."""
+    w = packed.unpack().double()
+    bd = None if b is None else b.double()
+    exact = F.linear(x.double(), w, bd)
+    scale = F.linear(x.double().abs(), w.abs(), None if b is None else bd.abs())
+    tol = (2 * EPS[y.dtype] + packed.kept_per_row * 2.0**-23) * scale + 1e-30
+    err = (y.double() - exact).abs()
+    assert y.shape == exact.shape and y.dtype == x.dtype and y.device == x.device
+    assert bool((err <= tol).all()), f"max err {err.max().item()} vs tol {tol.flatten()[err.argmax()].item()}"
+    p = packed.pattern
+    ref = nm_linear_reference(x, packed.values, packed.indices if idx is None else idx, b, p.n, p.m,
+                              packed.index_bits if bits is None else bits)
+    torch.testing.assert_close(y, ref, rtol=4 * EPS[y.dtype] ** 0.5, atol=4 * EPS[y.dtype] ** 0.5 * float(scale.max()))
+
+
+def _run(x, packed, b, bits=None, **kw):
+    p = packed.pattern
+    idx = packed.indices if bits in (None, packed.index_bits) else packed.positions()
+    bits = packed.index_bits if bits is None else bits
+    return nm_linear_triton(x, packed.values, idx, b, p.n, p.m, bits, **kw), idx, bits
+
+
+# --------------------------------------------------------------------------------------------
+# Interpreter (runs everywhere triton is installed)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_matches_reference(interp, pattern, dtype, batch):
+    """Default path (GEMV for batch 1/3, tiled for 17), bit-packed indices, in = 2M, out = 19 (not a
+    multiple of any block); bias on for half the cases."""
+    with_bias = (PATTERNS.index(pattern) + batch) % 2 == 0
+    _, packed, x, b = _case(pattern, dtype, (batch,), 2, 19, batch, with_bias)
+    y, idx, bits = _run(x, packed, b)
+    _assert_matches(y, x, packed, b, idx, bits)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("inp_groups", [1, 64])
+@pytest.mark.parametrize("path", ["gemv", "tiled"])
+def test_in_m_and_64m_both_paths(interp, pattern, inp_groups, path):
+    """in = M (a single group) and in = 64 M (several K steps); each path forced, batch 3 / 17."""
+    dtype = DTYPES[(PATTERNS.index(pattern) + inp_groups) % 3]
+    batch = 3 if path == "gemv" else 17
+    _, packed, x, b = _case(pattern, dtype, (batch,), inp_groups, 21, inp_groups, True)
+    y, idx, bits = _run(x, packed, b, path=path)
+    _assert_matches(y, x, packed, b, idx, bits)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:8", "3:8", "1:32"])
+@pytest.mark.parametrize("path", ["gemv", "tiled"])
+def test_byte_positions_layout(interp, pattern, path):
+    """index_bits = 8 (PackedNMWeight.positions()) gives the same result as the bit-packed layout."""
+    _, packed, x, b = _case(pattern, torch.float32, (5,), 3, 19, 1, True)
+    y8, idx, bits = _run(x, packed, b, bits=8, path=path)
+    _assert_matches(y8, x, packed, b, idx, bits)
+    yb, _, _ = _run(x, packed, b, path=path)
+    torch.testing.assert_close(y8, yb, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pattern,splits", [("2:4", 2), ("3:8", 3), ("1:4", 5)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_split_k(interp, pattern, splits, with_bias):
+    """K split over programs (fp32 partials summed by the host, bias added after) == one split."""
+    _, packed, x, b = _case(pattern, torch.float16, (2,), 64, 13, 3, with_bias)
+    y_split, idx, bits = _run(x, packed, b, path="gemv", split_k=splits)
+    _assert_matches(y_split, x, packed, b, idx, bits)
+    y_one, _, _ = _run(x, packed, b, path="gemv", split_k=1)
+    torch.testing.assert_close(y_split, y_one)
+
+
+def test_gemv_batch_blocks_and_small_tiles(interp):
+    """GEMV with batch 37 (three batch blocks of 16) and explicit block sizes that leave partial tiles."""
+    _, packed, x, b = _case("1:8", torch.float32, (37,), 9, 23, 5, True)
+    y, idx, bits = _run(x, packed, b, path="gemv", config={"BLOCK_O": 8, "BLOCK_K": 16})
+    _assert_matches(y, x, packed, b, idx, bits)
+    y, idx, bits = _run(x, packed, b, path="tiled", config={"BLOCK_T": 16, "BLOCK_O": 16, "BLOCK_IN": 16})
+    _assert_matches(y, x, packed, b, idx, bits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_leading_dims(interp, dtype):
+    _, packed, x, b = _case("1:8", dtype, (2, 5, 3), 4, 11, 2, True)  # 30 rows -> tiled
+    y, idx, bits = _run(x, packed, b)
+    assert y.shape == (2, 5, 3, 11)
+    _assert_matches(y, x, packed, b, idx, bits)
+    y1, _, _ = _run(x[:1, :1], packed, b)  # 3 rows -> GEMV
+    torch.testing.assert_close(y1, y[:1, :1], rtol=4 * EPS[dtype] ** 0.5, atol=1e-2 if dtype != torch.float32 else 1e-5)
+
+
+def test_empty_batch(interp):
+    _, packed, x, b = _case("2:4", torch.float32, (0,), 2, 5, 0, True)
+    y, _, _ = _run(x, packed, b)
+    assert y.shape == (0, 5)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    pattern=st.sampled_from(PATTERNS + ["1:3", "2:6", "1:2", "5:32"]),
+    dtype=st.sampled_from(DTYPES),
+    batch=st.sampled_from([1, 2, 3, 17]),
+    inp_groups=st.sampled_from([1, 2, 3, 7]),
+    out=st.sampled_from([1, 5, 17, 33]),
+    with_bias=st.booleans(),
+    packed_bits=st.booleans(),
+    seed=st.integers(0, 10**6),
+)
+def test_property(interp, pattern, dtype, batch, inp_groups, out, with_bias, packed_bits, seed):
+    """Random shapes, including non-power-of-two M (padded groups in the tiled kernel)."""
+    _, packed, x, b = _case(pattern, dtype, (batch,), inp_groups, out, seed, with_bias)
+    y, idx, bits = _run(x, packed, b, bits=None if packed_bits else 8)
+    _assert_matches(y, x, packed, b, idx, bits)
+
+
+def test_bad_inputs_raise(interp):
+    _, packed, x, b = _case("1:8", torch.float32, (2,), 4, 6, 0, True)
+    with pytest.raises(ValueError, match="in_features=32"):
+        nm_linear_triton(torch.randn(2, 40), packed.values, packed.indices, b, 1, 8, 3)
+    with pytest.raises(ValueError, match="index_bits must be 8 or 3"):
+        nm_linear_triton(x, packed.values, packed.indices, b, 1, 8, 4)
+    with pytest.raises(ValueError, match="path must be"):
+        nm_linear_triton(x, packed.values, packed.indices, b, 1, 8, 3, path="dense")
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="checks a process that imported triton without the interpreter")
+def test_late_interpret_env_is_refused_clearly(monkeypatch):
+    """TRITON_INTERPRET=1 set after triton was imported cannot work (Triton's standard library is already
+    compiled-mode): the call raises a RuntimeError saying so, instead of failing inside the kernel."""
+    _, packed, x, b = _case("1:4", torch.float32, (3,), 2, 5, 0, True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not triton_nm.available()
+    with pytest.raises(RuntimeError, match="before the process first imports triton"):
+        _run(x, packed, b)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    if not torch.cuda.is_available():
+        assert not triton_nm.available()
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            _run(x, packed, b)
+
+
+def test_public_op_dispatch(interp):
+    """torch.ops.nmfx.nm_linear(..., backend="triton"), once nmfx.inference_ops dispatches to it."""
+    if "triton" not in ops.BACKENDS:
+        pytest.skip("nmfx.inference_ops has no 'triton' backend yet")
+    _, packed, x, b = _case("1:8", torch.bfloat16, (2, 9), 4, 19, 4, True)  # 18 rows -> tiled
+    p = packed.pattern
+    y = torch.ops.nmfx.nm_linear(x, packed.values, packed.indices, b, p.n, p.m, packed.index_bits, "triton")
+    _assert_matches(y, x, packed, b)
+    y1 = ops.nm_linear_packed(x[0, :1], packed, b, backend="triton")  # 1 row -> GEMV
+    _assert_matches(y1, x[0, :1], packed, b)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA (compiled kernels, autotuning)
+# --------------------------------------------------------------------------------------------
+@cuda
+@pytest.mark.parametrize("pattern", ["2:4", "1:8", "3:8", "1:32", "2:6"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 5, 16, 300])
+def test_cuda_matches_reference(monkeypatch, pattern, dtype, batch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _, packed, x, b = _case(pattern, dtype, (batch,), 96, 1000, batch, True, device="cuda")
+    y, idx, bits = _run(x, packed, b)  # autotuned
+    _assert_matches(y, x, packed, b, idx, bits)
+    y8, idx8, _ = _run(x, packed, b, bits=8)
+    _assert_matches(y8, x, packed, b, idx8, 8)
+
+
+@cuda
+def test_cuda_split_k_and_autotune_cache(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _, packed, x, b = _case("1:8", torch.float16, (1,), 2048, 64, 0, True, device="cuda")  # out small, K long
+    y, idx, bits = _run(x, packed, b)
+    _assert_matches(y, x, packed, b, idx, bits)
+    kern = triton_nm._kernel("gemv", False)
+    assert len(kern.cache) >= 1  # the autotuner recorded a best config for this key
+
+
+@cuda
+def test_cuda_speed_sanity(monkeypatch):
+    """Loose guard against a pathological kernel (not a benchmark; see benchmarks/bench_gpu.py): at
+    batch 1, fp16, 4096x4096, 1:8 reads ~6.7x fewer bytes than dense, so it must not be 2x slower."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _, packed, x, b = _case("1:8", torch.float16, (1,), 512, 4096, 0, False, device="cuda")
+    dense = packed.unpack()
+    p = packed.pattern
+
+    def nm():
+        return nm_linear_triton(x, packed.values, packed.indices, None, p.n, p.m, packed.index_bits)
+
+    nm()
+    t_nm = triton.testing.do_bench(nm)
+    t_dense = triton.testing.do_bench(lambda: F.linear(x, dense))
+    assert t_nm < 2 * t_dense, f"nmfx 1:8 batch-1 {t_nm * 1e3:.1f} us vs dense {t_dense * 1e3:.1f} us"
