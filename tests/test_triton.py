@@ -225,6 +225,17 @@ def test_public_op_dispatch(interp):
     _assert_matches(y, x, packed, b)
     y1 = ops.nm_linear_packed(x[0, :1], packed, b, backend="triton")  # 1 row -> GEMV
     _assert_matches(y1, x[0, :1], packed, b)
+    torch.library.opcheck(ops.nm_linear, (x[0, :3].float(), packed.values.float(), packed.positions(), None, 1, 8, 8, "triton"))
+
+
+@pytest.mark.skipif(IN_INTERPRETER or torch.cuda.is_available(), reason="checks a CPU-only process without the interpreter")
+def test_public_op_triton_backend_refuses_clearly():
+    if "triton" not in ops.BACKENDS:
+        pytest.skip("nmfx.inference_ops has no 'triton' backend yet")
+    _, packed, x, b = _case("1:8", torch.float32, (2,), 4, 5, 0, True)
+    with pytest.raises(ValueError, match="triton"):
+        ops.nm_linear_packed(x, packed, b, backend="triton")
+    torch.testing.assert_close(ops.nm_linear_packed(x, packed, b, backend="reference"), F.linear(x, packed.unpack(), b))
 
 
 # --------------------------------------------------------------------------------------------
