@@ -65,11 +65,14 @@ def sparsify(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"nmfx.sparsify expects a torch.nn.Module, got {type(model).__name__}")
-    if is_sparsified(model):
-        raise ValueError("this model is already sparsified by nmfx; build a fresh model to sparsify it again")
+    if is_sparsified(model) or states(model):
+        raise ValueError("this model (or a submodule of it) is already sparsified by nmfx; "
+                         "build a fresh model to sparsify it again")
     pattern = Pattern.parse(pattern)
     method = resolve_method(method, **method_options)
-    policy = Policy(pattern, method, _globs(include), _globs(exclude) or (), _tied_parameters(model))
+    method.patterns(pattern)  # a schedule that cannot reach the target fails here, before any change
+    policy = Policy(pattern, method, _globs("include", include), _globs("exclude", exclude) or (),
+                    _tied_parameters(model))
 
     analysis, frontend, note = analysis_graph(model, example_inputs)
     graph_roles: dict[str, str] = {}
@@ -89,15 +92,24 @@ def sparsify(
         ("rewrite_masked", lambda gm: rewrite_masked(gm, pattern, method)),
     ])
     rows: list[ReportRow] = []
-    for scope in scopes:
-        pipeline(scope.graph_module)
-        ops = [node.meta[META_KEY] for node in annotated_nodes(scope.graph_module.graph)]
-        if any(op.status == "sparsified" for op in ops):
-            install_scope(model, scope)
-        rows += [ReportRow.from_op(op, pattern, f"{scope.frontend}({scope.name})") for op in ops]
-    for name, module in attention_modules:
-        ops = rewrite_multihead_attention(name, module, pattern, method, policy.decide)
-        rows += [ReportRow.from_op(op, pattern, "module") for op in ops]
+    swapped: list[tuple[nn.Module, type]] = []
+    try:
+        to_install = []
+        for scope in scopes:
+            pipeline(scope.graph_module)
+            ops = [node.meta[META_KEY] for node in annotated_nodes(scope.graph_module.graph)]
+            if any(op.status == "sparsified" for op in ops):
+                to_install.append(scope)
+            rows += [ReportRow.from_op(op, pattern, f"{scope.frontend}({scope.name})") for op in ops]
+        for name, module in attention_modules:
+            swapped.append((module, type(module)))
+            ops = rewrite_multihead_attention(name, module, pattern, method, policy.decide)
+            rows += [ReportRow.from_op(op, pattern, "module") for op in ops]
+    except BaseException:
+        _roll_back(model, swapped)  # nothing was installed yet; remove the states added to shared children
+        raise
+    for scope in to_install:
+        install_scope(model, scope)
     disable_fused_fast_path(model)
     seen = {row.name for row in rows}
     for module in untraced:
@@ -107,8 +119,8 @@ def sparsify(
                 continue
             rows.append(ReportRow(name=name, role=graph_roles.get(name, "other"), op=module.module_type,
                                   shape=tuple(model.get_parameter(name).shape), pattern=str(pattern),
-                                  status="skip", reason=f"used inside {module.module_type}.forward, which "
-                                  f"cannot be traced ({module.reason})", frontend="per-module"))
+                                  status="skip", reason=f"used directly in {module.module_type}.forward: "
+                                  f"{module.reason}", frontend="per-module"))
     object.__setattr__(model, _RECORD_ATTR, SparsifyRecord(pattern, method, rows, frontend, note))
     model.register_load_state_dict_pre_hook(_refuse_mismatched_checkpoint)
     if not any(row.status == "sparsified" for row in rows):
@@ -201,9 +213,22 @@ def _tied_parameters(model: nn.Module) -> dict[str, str]:
     return tied
 
 
-def _globs(value) -> Optional[tuple[str, ...]]:
+def _roll_back(model: nn.Module, swapped: list[tuple[nn.Module, type]]) -> None:
+    """Undo what a failed ``sparsify`` did to modules it shares with the model."""
+    for module, cls in swapped:
+        module.__class__ = cls
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, NMState):
+                delattr(module, child_name)
+
+
+def _globs(argument: str, value) -> Optional[tuple[str, ...]]:
     if value is None:
         return None
     if isinstance(value, str):
         return (value,)
-    return tuple(value)
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise TypeError(f"{argument}= takes a glob string or a list of them (weight names, module names or roles "
+                    f"such as 'attn.*'), got {value!r}")

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch.fx
 
-__all__ = ["META_KEY", "PrunableOp", "annotation", "annotated_nodes"]
+__all__ = ["META_KEY", "PrunableOp", "annotation", "annotated_nodes", "node_arg"]
 
 META_KEY = "nmfx"
 
@@ -70,3 +70,10 @@ def annotation(node: torch.fx.Node) -> Optional[PrunableOp]:
 def annotated_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """Nodes carrying an nmfx annotation, in graph order."""
     return [node for node in graph.nodes if META_KEY in node.meta]
+
+
+def node_arg(node: torch.fx.Node, index: int, name: str, default=None):
+    """Argument ``index`` of a call node, whether it was passed positionally or as ``name=``."""
+    if index < len(node.args):
+        return node.args[index]
+    return node.kwargs.get(name, default)

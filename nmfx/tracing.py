@@ -58,7 +58,8 @@ def trace_module(module: nn.Module) -> tuple[Optional[fx.GraphModule], str]:
             module.train(mode)
             graphs.append(fx.Tracer().trace(module))
     except Exception as error:  # tracing user code can fail in any way; the reason is reported
-        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+        first_line = str(error).splitlines()[0][:160] if str(error) else ""
+        return None, f"{type(error).__name__}: {first_line}"
     finally:
         module.train(was_training)
     if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
@@ -85,9 +86,14 @@ def rewrite_scopes(model: nn.Module, has_prunable) -> tuple[list[Scope], list[Un
             if gm is not None:
                 if has_prunable(gm, name):
                     scopes.append(Scope(name, gm))
+                # Attention modules are leaves of the trace: their weights are rewritten at module level.
+                attention.extend((f"{name}.{sub}", m) for sub, m in module.named_modules()
+                                 if sub and isinstance(m, nn.MultiheadAttention))
                 return
+            reason = f"it cannot be traced ({reason})"
         else:
-            reason = "the top-level module is never replaced (it keeps the model's class and methods)"
+            reason = ("the top-level module's own forward is never rewritten, so the model keeps its class "
+                      "(sparsify a module that contains this one)")
         own = tuple(n for n, p in module.named_parameters(recurse=False) if p.dim() == 2)
         if own:
             untraced.append(Untraced(name, type(module).__name__, own, reason))

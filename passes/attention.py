@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from nmfx.meta import META_KEY, annotation
+from nmfx.meta import META_KEY, annotation, node_arg
 
 __all__ = ["tag_roles"]
 
@@ -71,7 +71,11 @@ def tag_roles(gm: fx.GraphModule, whole_model: bool = False) -> fx.GraphModule:
     downstream = {node: _nearest(graph, node, stoppers, upstream=False) & prunable for node in prunable}
     for node in mlp_ops:
         upstream = _nearest(graph, node, stoppers, upstream=True) & prunable
-        feeders = [u for u in upstream if u not in final and downstream[u] == {node}]
+        # An MLP returns to the width it started from (the residual stream); a pooler -> classifier
+        # pair does not, so the classifier stays a head.
+        width = annotation(node).out_features
+        feeders = [u for u in upstream if u not in final and downstream[u] == {node}
+                   and annotation(u).in_features == width]
         if upstream and len(feeders) == len(upstream):
             final[node] = "mlp.down"
             gated = {u for u in feeders if _has_activation(gm, graph, u, node, stoppers)} if len(feeders) == 2 else set()
@@ -109,7 +113,7 @@ def _attentions(gm: fx.GraphModule):
     """(output node, query, key, value) for every attention in the graph."""
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _SDPA:
-            q, k, v = (list(node.args) + [node.kwargs.get(n) for n in ("query", "key", "value")])[:3]
+            q, k, v = (node_arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
             yield node, q, k, v
         elif _is_softmax(gm, node):
             scores = _walk_to_matmul(node, upstream=True)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from nmfx.meta import META_KEY, PrunableOp
+from nmfx.meta import META_KEY, PrunableOp, node_arg
 
 __all__ = ["find_prunable"]
 
@@ -58,7 +58,7 @@ def _match(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str, str, Option
             return "linear", f"{node.target}.weight", bias, False
         return None
     if node.op == "call_function" and node.target in _LINEAR:
-        x, weight, bias = (list(node.args) + [node.kwargs.get("weight"), node.kwargs.get("bias")])[:3]
+        x, weight, bias = (node_arg(node, i, name) for i, name in enumerate(("input", "weight", "bias")))
         resolved = _parameter(gm, weight)
         if resolved is None or not isinstance(x, fx.Node):
             return None
@@ -97,16 +97,25 @@ def _parameter(gm: fx.GraphModule, arg) -> Optional[tuple[str, bool]]:
 
 
 def _is_transpose(node: fx.Node) -> bool:
+    """``W.t()``, ``W.T``, ``transpose(0, 1)`` or ``permute(1, 0)`` of a 2-D tensor (not identities)."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("T", "mT")
     if node.op == "call_method" and node.target in _TRANSPOSE_METHODS:
-        rest = [a for a in node.args[1:]]
+        name = node.target
     elif node.op == "call_function" and node.target in _TRANSPOSE_FNS:
-        rest = list(node.args[1:])
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
     else:
         return False
-    if not rest:
+    rest = list(node.args[1:])
+    if name == "t":
         return True
     dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
-    return sorted(d % 2 for d in dims) == [0, 1] if all(isinstance(d, int) for d in dims) else False
+    if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+        return False
+    first, second = (d % 2 for d in dims)
+    if "permute" in name:
+        return (first, second) == (1, 0)
+    return first != second
 
 
 def _bias(gm: fx.GraphModule, arg) -> Optional[str]:

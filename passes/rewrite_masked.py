@@ -19,7 +19,7 @@ import dataclasses
 
 from torch import fx
 
-from nmfx.meta import META_KEY, PrunableOp, annotated_nodes
+from nmfx.meta import META_KEY, PrunableOp, annotated_nodes, node_arg
 from nmfx.methods import Method
 from nmfx.ops import masked_linear
 from nmfx.pattern import Pattern
@@ -77,6 +77,5 @@ def _operands(gm: fx.GraphModule, node: fx.Node, op: PrunableOp):
     if op.kind == "addmm":
         return node.args[1], node.args[0]
     if op.kind == "linear":
-        args = list(node.args) + [None] * 3
-        return args[0], args[2] if args[2] is not None else node.kwargs.get("bias")
-    return node.args[0], None
+        return node_arg(node, 0, "input"), node_arg(node, 2, "bias")
+    return node_arg(node, 0, "input"), None

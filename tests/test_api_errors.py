@@ -174,12 +174,6 @@ def test_invalid_option_values(method, options, needle):
     with pytest.raises(ValueError, match=needle):
         nmfx.sparsify(model, "1:4", method, **options)
     assert_untouched(model, before, types)
-
-
-@pytest.mark.xfail(strict=True, reason="BUG: nmfx/api.py sparsify never checks method.patterns(pattern) up front; "
-                   "the schedule/target mismatch is first raised inside the 'policy' pass "
-                   "(nmfx/methods.py SDGF.patterns via passes/policy.py Policy.decide) and reaches the user as "
-                   "PassFailure (a RuntimeError: \"pass 'policy' failed on Linear ...\") instead of a ValueError")
 def test_sdgf_schedule_not_ending_at_target():
     model = fresh()
     before, types = snapshot(model), {n: type(m) for n, m in model.named_modules()}
@@ -301,12 +295,6 @@ def test_deepcopy_of_sparsified_model_is_sparsified():
     assert nmfx.is_sparsified(clone)
     with pytest.raises(ValueError, match="already sparsified"):
         nmfx.sparsify(clone, "1:4", "ste")
-
-
-@pytest.mark.xfail(strict=True, reason="BUG: nmfx/api.py sparsify only checks is_sparsified(model) on the root; "
-                   "sparsifying a parent whose submodule was already sparsified succeeds, reuses the old NMStates "
-                   "(nmfx/passes/rewrite_masked.py _ensure_state keeps an existing state), and reports the new "
-                   "pattern (2:4) for masks that are still 1:4")
 def test_sparsify_parent_of_sparsified_submodule():
     torch.manual_seed(0)
     model = Outer()
@@ -373,11 +361,6 @@ def test_report_density_follows_schedule():
 # ----------------------------------------------------------------------------------------------
 # atomicity
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="BUG: nmfx/api.py sparsify installs each rewritten scope (install_scope) "
-                   "inside the scope loop, before the later scopes' pipelines have run; when a later pass fails the "
-                   "model is left half rewritten (GraphModules + NMState buffers installed) yet is_sparsified() is "
-                   "False, so a retry rewrites it again. Real trigger: a block using "
-                   "F.scaled_dot_product_attention(q, k, value=v) after a normal block under an untraceable top")
 def test_failed_sparsify_leaves_model_untouched(monkeypatch):
     import nmfx.api
 

@@ -286,11 +286,6 @@ def zoo(request) -> Case:
 # tests over the whole zoo
 # ----------------------------------------------------------------------------------------------
 def test_exact_number_sparsified(zoo):
-    if zoo.name == "torchvision_vit":
-        reported = {row.name for row in zoo.report}
-        if not any("self_attention" in name for name in reported):
-            pytest.xfail("BUG: nmfx/tracing.py rewrite_scopes stops at a traceable block and never visits the "
-                         "nn.MultiheadAttention inside it (see test_mha_inside_traceable_block)")
     sparsified = [row.name for row in zoo.report.sparsified]
     assert len(set(sparsified)) == len(sparsified), "a weight is reported twice"
     if zoo.spec.expected >= 0:
@@ -308,8 +303,6 @@ def test_block_coverage(zoo):
     assert in_blocks, f"no linear weight matched {zoo.spec.block!r}: the spec is wrong"
     sparsified = {row.name for row in zoo.report.sparsified}
     covered = in_blocks & sparsified
-    if zoo.name == "torchvision_vit" and len(covered) < len(in_blocks):
-        pytest.xfail("BUG: MHA inside a traceable torchvision EncoderBlock is not sparsified (rewrite_scopes)")
     assert len(covered) >= 0.95 * len(in_blocks), f"missing: {sorted(in_blocks - sparsified)}"
 
 
@@ -319,8 +312,6 @@ def test_every_linear_weight_is_reported(zoo):
     reported = {row.name for row in zoo.report}
     missing = {name for name in linear_weights(zoo.original) - reported
                if not _aliases_reported(zoo.original, name, reported)}
-    if zoo.name == "torchvision_vit" and missing:
-        pytest.xfail("BUG: MHA inside a traceable block is neither sparsified nor reported (rewrite_scopes)")
     assert missing == set(), f"not in the report: {sorted(missing)}"
     for row in zoo.report:
         assert row.reason, row
@@ -526,11 +517,6 @@ def test_bert_block_count():
     block = re.compile(SPECS["bert"].block)
     in_blocks = [row.name for row in nmfx.report(model).sparsified if block.search(row.name)]
     assert len(in_blocks) == 12
-
-
-@pytest.mark.xfail(strict=True, reason="BUG: passes/attention.py tag_roles assigns mlp.up/mlp.down before head, "
-                   "so BERT's pooler.dense -> tanh -> classifier pair becomes mlp.up/mlp.down and the "
-                   "classifier is sparsified by default instead of skipped as role 'head'")
 def test_bert_classifier_is_head():
     _, model = _build("bert")
     rows = {row.name: row for row in nmfx.report(model)}
@@ -554,12 +540,6 @@ def test_exclude_by_role_on_llama():
     rows = nmfx.report(model)
     assert len(rows.sparsified) == 6
     assert {row.role for row in rows.sparsified} == {"mlp.gate", "mlp.up", "mlp.down"}
-
-
-@pytest.mark.xfail(strict=True, reason="BUG: nmfx/tracing.py rewrite_scopes returns as soon as a submodule "
-                   "traces (line `if gm is not None: ... return`), so an nn.MultiheadAttention inside a traceable "
-                   "block (a leaf in the trace) is never visited: its weights are neither sparsified nor reported "
-                   "(torchvision's ViT EncoderBlock is such a block)")
 def test_mha_inside_traceable_block():
     torch.manual_seed(0)
     model = AttnMLPModel().eval()
