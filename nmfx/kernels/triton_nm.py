@@ -342,6 +342,32 @@ def _split_k(out: int, k: int, device: torch.device) -> int:
     return int(max(1, min(want, k // 1024, 32)))
 
 
+def compile_offline(path: str, dtype: str, n: int, m: int, bits: int, config: dict, *, num_warps: int = 4,
+                    num_stages: int = 3, arch: int = 90, partial: bool = False):
+    """Compile one kernel variant for ``sm_<arch>`` without a GPU (Triton's bundled ptxas); returns the
+    ``CompiledKernel`` (``.asm["cubin"]``, ``.asm["ptx"]``). Catches what the interpreter cannot: type
+    and layout errors of the real compiler. ``dtype``: ``"fp16" | "bf16" | "fp32"``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    mp = _next_pow2(m)
+    if path == "gemv":
+        fn = triton.jit(_nm_gemv_kernel)
+        ints = ["B", "OUT", "IN", "K", "IDX_ROW", "K_PER_SPLIT"]
+        const = dict(N=n, M=m, BITS=bits, HAS_BIAS=True, PARTIAL=partial, BLOCK_B=1, **config)
+        out_ty = "*fp32" if partial else "*" + dtype
+    else:
+        fn = triton.jit(_nm_tiled_kernel)
+        ints = ["T", "OUT", "IN", "K", "IDX_ROW", "T_BUCKET"]
+        const = dict(N=n, M=m, MP=mp, BITS=bits, HAS_BIAS=True, DOT_F32=dtype == "fp32", **{"GROUP_T": 8, **config})
+        out_ty = "*" + dtype
+    sig = {"x_ptr": "*" + dtype, "v_ptr": "*" + dtype, "idx_ptr": "*u8", "bias_ptr": "*" + dtype, "y_ptr": out_ty}
+    sig.update({name: "i32" for name in ints})
+    sig.update({name: "constexpr" for name in const})
+    return triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
 # --------------------------------------------------------------------------------------------------
 # Host entry point
 # --------------------------------------------------------------------------------------------------
