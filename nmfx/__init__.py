@@ -11,9 +11,11 @@ from nmfx.methods import MDGF, SDGF, SRSTE, STE, Dense, Method, resolve_method
 from nmfx.pattern import MAX_M, Pattern, nm_mask
 from nmfx.report import report, to_dot, to_networkx
 from nmfx.stats import stats
+from nmfx.inference import is_inference, to_inference
+from nmfx.serialization import load, save
 
 __all__ = [
-    "sparsify", "step", "stats", "masks", "states", "graphs", "report", "is_sparsified", "to_networkx", "to_dot",
+    "sparsify", "step", "stats", "masks", "to_inference", "is_inference", "save", "load", "states", "graphs", "report", "is_sparsified", "to_networkx", "to_dot",
     "Pattern", "nm_mask", "MAX_M", "Method", "Dense", "STE", "SRSTE", "MDGF", "SDGF", "resolve_method", "ops",
 ]
 __version__ = "0.1.0"

@@ -25,7 +25,7 @@ class ReportRow:
     op: str
     shape: tuple[int, ...]
     pattern: str
-    status: str  # "sparsified" or "skip"
+    status: str  # "sparsified", "skip", or "packed" (after nmfx.to_inference)
     reason: str
     frontend: str
     density: Optional[float] = None  # of the current hard mask; None when not sparsified
@@ -46,6 +46,7 @@ class SparsifyRecord:
     rows: list[ReportRow]
     analysis_frontend: str
     analysis_note: str
+    inference: bool = False  # lowered by nmfx.to_inference
 
 
 class Report(list):
@@ -67,7 +68,7 @@ class Report(list):
 
     @property
     def sparsified(self) -> list[ReportRow]:
-        return [row for row in self if row.status == "sparsified"]
+        return [row for row in self if row.status in ("sparsified", "packed")]
 
 
 def report(model: nn.Module) -> Report:
@@ -81,9 +82,12 @@ def report(model: nn.Module) -> Report:
     for row in found.rows:
         mask = current.get(row.name)
         density = float(mask.float().mean()) if mask is not None and row.status == "sparsified" else None
+        if row.status == "packed":
+            density = found.pattern.density
         rows.append(dataclasses.replace(row, density=density))
-    sparsified = sum(row.status == "sparsified" for row in rows)
-    header = (f"nmfx: {sparsified}/{len(rows)} weights sparsified at {found.pattern} with method "
+    sparsified = sum(row.status in ("sparsified", "packed") for row in rows)
+    kind = "packed for inference" if found.inference else "sparsified"
+    header = (f"nmfx: {sparsified}/{len(rows)} weights {kind} at {found.pattern} with method "
               f"{found.method.name}; analysis graph: {found.analysis_frontend}"
               + (f" ({found.analysis_note})" if found.analysis_note else ""))
     return Report(rows, header)

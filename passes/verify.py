@@ -13,6 +13,7 @@ import torch
 from torch import fx
 
 from nmfx.meta import META_KEY
+import nmfx.inference_ops  # noqa: F401  (registers torch.ops.nmfx.nm_linear)
 from nmfx.ops import masked_linear
 
 __all__ = ["InvariantError", "verify"]
@@ -36,6 +37,8 @@ def verify(gm: fx.GraphModule, rewritten: bool = False) -> None:
                 raise InvariantError(f"get_attr {node.target!r} does not resolve: {error}") from None
         if node.op == "call_function" and node.target is masked_linear:
             _check_masked(gm, node)
+        if node.op == "call_function" and node.target is torch.ops.nmfx.nm_linear.default:
+            _check_packed(gm, node)
         op = node.meta.get(META_KEY)
         if rewritten and op is not None and op.status == "sparsify":
             raise InvariantError(f"{op.weight}: chosen for sparsification but not rewritten")
@@ -54,6 +57,17 @@ def _check_masked(gm: fx.GraphModule, node: fx.Node) -> None:
     op = node.meta.get(META_KEY)
     if op is None or op.status != "sparsified":
         raise InvariantError(f"{node.name}: masked_linear without a 'sparsified' nmfx annotation")
+
+
+def _check_packed(gm: fx.GraphModule, node: fx.Node) -> None:
+    for arg, what in ((node.args[1], "values"), (node.args[2], "indices")):
+        if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+            raise InvariantError(f"{node.name}: the packed {what} are not read from the module ({arg!r})")
+    if _resolve(gm, node.args[2].target).dtype != torch.uint8:
+        raise InvariantError(f"{node.name}: packed indices must be uint8")
+    op = node.meta.get(META_KEY)
+    if op is None or op.status != "packed":
+        raise InvariantError(f"{node.name}: nm_linear without a 'packed' nmfx annotation")
 
 
 def _resolve(gm: fx.GraphModule, target: str):
