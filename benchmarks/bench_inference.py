@@ -106,6 +106,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1:8, batch 1 and 64, fp32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=4096, help="out = in = size")
+    parser.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated, e.g. 1:8,1:16")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--no-csr", action="store_true", help="skip torch CSR")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument(
@@ -116,7 +119,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    patterns, batches, dtypes = (["1:8"], [1, 64], ["float32"]) if args.quick else (PATTERNS, BATCHES, DTYPES)
+    if args.quick:
+        patterns, batches, dtypes = ["1:8"], [1, 64], ["float32"]
+    else:
+        patterns = args.patterns.split(",")
+        batches = [int(b) for b in args.batches.split(",")]
+        dtypes = args.dtypes.split(",")
     budget, min_reps, max_reps = (0.3, 3, 10) if args.quick else (1.0, 5, 30)
     if not nmfx_cpu.available():
         raise SystemExit(f"nmfx C++ kernel unavailable: {nmfx_cpu.build_error()}")
