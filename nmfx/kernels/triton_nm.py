@@ -28,7 +28,10 @@ Two kernels, picked by the number of rows ``B`` of the flattened ``x``:
 
 Both kernels are ``triton.autotune``d on CUDA, keyed by (batch bucket, out, in, K, N, M); the configs
 are the ``_GEMV_CONFIGS`` / ``_TILED_CONFIGS`` lists below, and register-hungry ones are pruned per batch
-bucket. Under the interpreter one small fixed config is used (autotuning there would only be slow).
+bucket (every remaining config was compiled offline for sm_90 with :func:`compile_offline` and checked
+with cuobjdump: no GEMV config spills; a few tiled ones spill <= 200 B). Under the interpreter one small
+fixed config is used (autotuning there would only be slow). Speed is unmeasured on a GPU so far; see
+``benchmarks/bench_gpu.py``.
 
 Index layout: **the kernels read the stored bit-packed ``indices`` directly** (``index_bits = b =
 ceil(log2 M)``): kept value ``k``'s position lives at stream bits ``[k*b, (k+1)*b)``; the kernel loads
