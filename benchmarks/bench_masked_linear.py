@@ -25,10 +25,7 @@ import torch.nn.functional as F
 import nmfx
 from nmfx.ops import masked_linear
 
-try:
-    from benchmarks.machine import describe, machine_info
-except ImportError:  # run as a script from the benchmarks folder
-    from machine import describe, machine_info
+from nmfx.bench import describe, machine_info
 
 
 def _time(fn, reps: int, warmup: int = 2) -> float:

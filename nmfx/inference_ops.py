@@ -14,7 +14,7 @@ Signature (a ``torch.library`` custom op; traceable by ``torch.compile(fullgraph
         bias: Optional[Tensor],  # [out], x's dtype, or None
         n: int, m: int,          # the pattern N:M (M <= 32); in_features = K / N * M
         index_bits: int,         # 8, or the packed width (see indices)
-        backend: str = "auto",   # "auto" | "cpu" | "reference"
+        backend: str = "auto",   # "auto" | "cpu" | "reference" | "triton"
     ) -> Tensor                  # [..., out], x's dtype
 
 It computes ``x @ W.T + bias`` where ``W = PackedNMWeight(...).unpack()``. Backends: ``"reference"``
@@ -43,7 +43,7 @@ from nmfx.packed import MAX_PACKED_M, PackedNMWeight, index_bits as _index_bits,
 
 __all__ = ["nm_linear", "nm_linear_reference", "nm_linear_packed", "BACKENDS"]
 
-BACKENDS = ("auto", "cpu", "reference")
+BACKENDS = ("auto", "cpu", "reference", "triton")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -123,6 +123,14 @@ def nm_linear(
     on_cpu = x.device.type == "cpu" and values.device.type == "cpu" and indices.device.type == "cpu"
     if backend == "cpu" and not on_cpu:
         raise ValueError(f"nm_linear: backend 'cpu' needs CPU tensors, got x on {x.device}, values on {values.device}")
+    if backend == "triton" or (backend == "auto" and x.device.type == "cuda"):
+        from nmfx.kernels import triton_nm as _triton
+
+        why = _triton.unavailable_reason(x, values, indices, bias)
+        if why is None:
+            return _triton.nm_linear_triton(x, values, indices, bias, n, m, index_bits)
+        if backend == "triton":
+            raise ValueError(f"nm_linear: backend 'triton' cannot run here: {why}")
     if backend != "reference" and on_cpu:
         from nmfx.kernels import cpu as _cpu
 

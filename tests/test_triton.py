@@ -228,6 +228,20 @@ def test_public_op_dispatch(interp):
     torch.library.opcheck(ops.nm_linear, (x[0, :3].float(), packed.values.float(), packed.positions(), None, 1, 8, 8, "triton"))
 
 
+def test_to_inference_with_triton_backend(interp):
+    """The public path: nmfx.to_inference(model, backend="triton") runs the Triton kernels (here in the
+    interpreter, on CPU tensors) and matches the trained model."""
+    import nmfx
+    from nmfx.examples import TinyViT
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 8, 8)
+    model = nmfx.sparsify(TinyViT(dim=32, heads=2), "1:8", "ste", example_inputs=(x[:2],)).eval()
+    inference = nmfx.to_inference(model, backend="triton")
+    with torch.no_grad():
+        torch.testing.assert_close(inference(x), model(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(IN_INTERPRETER or torch.cuda.is_available(), reason="checks a CPU-only process without the interpreter")
 def test_public_op_triton_backend_refuses_clearly():
     if "triton" not in ops.BACKENDS:

@@ -1,0 +1,141 @@
+"""Benchmark helpers shared by ``python -m nmfx bench`` and ``benchmarks/``: machine facts, a quiet-CPU
+wait, a median timer, and the per-layer inference comparison (nmfx kernel vs dense vs torch CSR)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+import warnings
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["machine_info", "describe", "wait_quiet", "timeit", "layer_rows", "format_layer_row", "LAYER_HEADER"]
+
+_SIMD_PREFIXES = ("avx", "fma", "f16c", "amx", "sse4")
+
+
+def machine_info() -> dict:
+    """CPU model, SIMD flags (from /proc/cpuinfo), threads, torch version, GPU if any."""
+    info = {"machine": platform.machine(), "cpu": platform.processor(), "simd_flags": [],
+            "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    info["cpu"] = value.strip()
+                elif key == "flags" and not info["simd_flags"]:
+                    info["simd_flags"] = sorted(flag for flag in value.split() if flag.startswith(_SIMD_PREFIXES))
+    except OSError:
+        pass
+    info["loadavg"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return info
+
+
+def describe(info: dict) -> str:
+    flags = " ".join(info["simd_flags"]) or "none"
+    return f"{info['cpu']} | {info['threads']} threads | {flags} | torch {info['torch']}"
+
+
+def _cpu_busy(interval: float = 0.5) -> float:
+    """Fraction of all CPUs busy over ``interval`` (from /proc/stat); 0.0 where unavailable."""
+    try:
+        def sample():
+            with open("/proc/stat") as f:
+                v = [int(t) for t in f.readline().split()[1:]]
+            return sum(v), v[3] + v[4]
+
+        t0, i0 = sample()
+        time.sleep(interval)
+        t1, i1 = sample()
+        return 1.0 - (i1 - i0) / max(1, t1 - t0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def wait_quiet(max_busy: float, max_wait_s: float) -> float:
+    """Wait (up to ``max_wait_s``) until other processes leave the CPUs mostly idle; on a shared 2-core
+    machine 2-thread timings are otherwise dominated by descheduled threads. Returns the busy fraction."""
+    deadline = time.monotonic() + max_wait_s
+    busy = _cpu_busy()
+    while busy > max_busy and time.monotonic() < deadline:
+        time.sleep(2.0)
+        busy = _cpu_busy()
+    return busy
+
+
+def timeit(fn: Callable[[], object], min_reps: int = 5, max_reps: int = 30, budget_s: float = 1.0) -> float:
+    """Median seconds of ``fn()`` over as many repetitions as fit ``budget_s`` (after 2 warm-ups)."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    reps = int(max(min_reps, min(max_reps, budget_s / max(first, 1e-6))))
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+LAYER_HEADER = (f"{'pattern':>7} {'dtype':>8} {'batch':>5} | {'dense ms':>9} {'csr ms':>9} {'nmfx ms':>9} | "
+                f"{'x dense':>7} {'x csr':>7}")
+
+
+def layer_rows(size: int, patterns: Sequence[str], batches: Sequence[int], dtypes: Sequence[str],
+               backend: str = "cpu", csr: bool = True, budget_s: float = 1.0, min_reps: int = 5,
+               max_reps: int = 30, quiet_wait_s: float = 0.0) -> Iterator[dict]:
+    """One row per (dtype, pattern, batch): a ``size x size`` layer as ``nm_linear`` vs dense ``F.linear``
+    on the same masked weight vs its ``to_sparse_csr()`` matmul, timed back to back in the same run."""
+    from nmfx.inference_ops import nm_linear
+    from nmfx.packed import pack_nm
+
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    dense_w = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        for pattern in patterns:
+            packed = pack_nm(dense_w.to(dtype), pattern)
+            w = packed.unpack()
+            try:
+                w_csr: Optional[torch.Tensor] = w.to_sparse_csr() if csr else None
+            except RuntimeError:
+                w_csr = None
+            n, m, bits = packed.pattern.n, packed.pattern.m, packed.index_bits
+            for batch in batches:
+                x = torch.randn(batch, size).to(dtype)
+                run = lambda: nm_linear(x, packed.values, packed.indices, None, n, m, bits, backend)  # noqa: E731
+                error = (run().double() - F.linear(x.double(), w.double())).abs().max().item()
+                busy = wait_quiet(0.10, quiet_wait_s) if quiet_wait_s > 0 else None
+                t_nmfx = timeit(run, min_reps, max_reps, budget_s)
+                t_dense = timeit(lambda: F.linear(x, w), min_reps, max_reps, budget_s)
+                t_csr, note = None, None
+                if w_csr is not None:
+                    xt = x.t().contiguous()
+                    try:
+                        t_csr = timeit(lambda: (w_csr @ xt).t(), min_reps, max_reps, budget_s)
+                    except RuntimeError as exc:  # bf16 CSR matmul is not implemented on the CPU
+                        note = str(exc).splitlines()[0][:160]
+                row = {"pattern": pattern, "dtype": dtype_name, "batch": batch, "dense_ms": t_dense * 1e3,
+                       "csr_ms": None if t_csr is None else t_csr * 1e3, "nmfx_ms": t_nmfx * 1e3,
+                       "speedup_vs_dense": t_dense / t_nmfx,
+                       "speedup_vs_csr": None if t_csr is None else t_csr / t_nmfx,
+                       "nmfx_max_abs_err_vs_fp64": error, "nmfx_weight_bytes": packed.nbytes,
+                       "dense_weight_bytes": w.numel() * w.element_size(), "cpu_busy_before": busy}
+                if note:
+                    row["csr_note"] = note
+                yield row
+
+
+def format_layer_row(row: dict) -> str:
+    csr_ms = f"{row['csr_ms']:9.3f}" if row["csr_ms"] is not None else f"{'n/a':>9}"
+    x_csr = f"{row['speedup_vs_csr']:6.2f}x" if row["speedup_vs_csr"] is not None else f"{'n/a':>7}"
+    return (f"{row['pattern']:>7} {row['dtype']:>8} {row['batch']:>5} | {row['dense_ms']:9.3f} {csr_ms} "
+            f"{row['nmfx_ms']:9.3f} | {row['speedup_vs_dense']:6.2f}x {x_csr}")
