@@ -28,15 +28,13 @@ from nmfx.ops import masked_linear
 from nmfx.bench import describe, machine_info
 
 
-def _time(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def _sample(fn) -> float:
+    """Seconds of one call after one warm-up call (samples of two functions are interleaved by the
+    callers so both see the same machine noise)."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def bench_training(tokens: int, shapes, reps: int, compile_: bool) -> list[dict]:
@@ -49,9 +47,6 @@ def bench_training(tokens: int, shapes, reps: int, compile_: bool) -> list[dict]
         w = torch.randn(out_f, in_f, requires_grad=True)
         b = torch.randn(out_f, requires_grad=True)
         mask = nmfx.nm_mask(w, "1:8")
-
-        def dense():
-            F.linear(x, w, b).sum().backward()
 
         modes = [("eager", lambda f: f)]
         if compile_:
@@ -67,8 +62,8 @@ def bench_training(tokens: int, shapes, reps: int, compile_: bool) -> list[dict]
                 # Interleave to share the machine's noise.
                 t_dense, t_masked = [], []
                 for _ in range(reps):
-                    t_dense.append(_time(run_dense, 1, warmup=1))
-                    t_masked.append(_time(run_masked, 1, warmup=1))
+                    t_dense.append(_sample(run_dense))
+                    t_masked.append(_sample(run_masked))
                 d, m = statistics.median(t_dense), statistics.median(t_masked)
                 rows.append({"shape": f"{tokens}x{in_f}->{out_f}", "mode": mode, "variant": name,
                              "dense_ms": d * 1e3, "masked_ms": m * 1e3, "ratio": m / d})
@@ -81,8 +76,8 @@ def bench_mask(size: int, reps: int) -> list[dict]:
     for pattern in ("1:4", "2:4", "1:8", "2:8", "1:16", "1:32", "4:8"):
         t_base, t_mask = [], []
         for _ in range(reps):
-            t_base.append(_time(lambda: w.abs(), 1, warmup=1))
-            t_mask.append(_time(lambda: nmfx.nm_mask(w, pattern), 1, warmup=1))
+            t_base.append(_sample(lambda: w.abs()))
+            t_mask.append(_sample(lambda: nmfx.nm_mask(w, pattern)))
         b, m = statistics.median(t_base), statistics.median(t_mask)
         rows.append({"pattern": pattern, "elementwise_ms": b * 1e3, "mask_ms": m * 1e3, "ratio": m / b})
     return rows
