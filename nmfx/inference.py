@@ -20,7 +20,10 @@ from nmfx.passes.rewrite_modules import MaskedMultiheadAttention
 from nmfx.passes.verify import verify
 from nmfx.state import NMState
 
-__all__ = ["to_inference", "is_inference"]
+__all__ = ["to_inference", "is_inference", "LOWERING_BACKENDS"]
+
+#: nm_linear's backends, plus PyTorch's 2:4 semi-structured sparse tensors (CUDA sm80+).
+LOWERING_BACKENDS = BACKENDS + ("semi_structured",)
 
 
 def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[torch.dtype] = None,
@@ -30,8 +33,10 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
     with every parameter frozen (``nm_linear`` has no backward).
 
     Args:
-        backend: ``"auto"`` (the C++ kernel on CPU when it builds, else the reference), ``"cpu"``,
-            ``"reference"``, or what ``nmfx.inference_ops.BACKENDS`` lists.
+        backend: ``"auto"`` (CPU: the C++ kernel when it builds, else the reference; CUDA sm80+:
+            semi-structured 2:4 tensors for 2:4-compatible patterns, else the Triton kernel), ``"cpu"``,
+            ``"reference"``, ``"triton"``, or ``"semi_structured"`` (layers that cannot use it fall back
+            to ``nm_linear``, with the reason in ``nmfx.report``).
         dtype: cast the model (e.g. ``torch.bfloat16``) before packing.
         force: lower even if training has not reached the hard target mask (alpha = 0, target N:M): the
             target mask of the current weights is used, so outputs change; a warning says so.
@@ -39,8 +44,8 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
     found = record(model)
     if found.pattern.m > MAX_PACKED_M:
         raise ValueError(f"the packed format supports M <= {MAX_PACKED_M}; pattern {found.pattern} cannot be lowered")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    if backend not in LOWERING_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(LOWERING_BACKENDS)}")
     if is_inference(model):
         raise ValueError("this model is already an nmfx inference model")
     unfinished = {name: s.schedule for name, s in states(model).items()
@@ -63,8 +68,10 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
         lower_inference(gm, backend=backend, structure_only=_structure_only)
         verify(gm)
     _materialize_attention(target)
-    rows = [dataclasses.replace(row, op="nm_linear", status="packed", reason=row.reason)
-            if row.status == "sparsified" and row.op != "multihead_attention" else row for row in found.rows]
+    lowered = {node.meta[META_KEY].weight: node.meta[META_KEY] for gm in graphs(target).values()
+               for node in annotated_nodes(gm.graph) if node.meta[META_KEY].status == "packed"}
+    rows = [dataclasses.replace(row, op=lowered[row.name].kind, status="packed", reason=lowered[row.name].reason)
+            if row.name in lowered else row for row in found.rows]
     object.__setattr__(target, "_nmfx_record", dataclasses.replace(found, rows=rows, inference=True))
     target.requires_grad_(False)  # an inference graph: nm_linear has no backward
     return target.eval()

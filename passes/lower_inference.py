@@ -10,6 +10,13 @@ node by::
 and deletes the dense weight and its ``NMState`` (training state) from the owner. The annotation is
 carried over with ``kind="nm_linear"`` and ``status="packed"``. ``structure_only=True`` allocates the
 buffers empty (their values are loaded from a file afterwards, see ``nmfx.load``).
+
+``backend="semi_structured"`` (and ``"auto"`` on CUDA sm80+ for 2:4-compatible patterns) lowers a layer
+instead to ``F.linear`` over ``torch.sparse.to_sparse_semi_structured(W * m)`` (PyTorch's 2:4 sparse
+tensor cores; a 1:8 mask is a valid 2:4 mask), stored as ``<owner>.<param>_semi``. The constraints
+(CUDA sm80+, fp16/bf16, 2:4-compatible pattern, out % 32 == 0 and in % 64 == 0) are checked per layer
+up front; a layer that fails one is packed for ``nm_linear`` instead and the reason is kept in its
+annotation (``nmfx.report`` shows it).
 """
 
 from __future__ import annotations
@@ -25,16 +32,32 @@ from nmfx.ops import masked_linear
 from nmfx.packed import index_bits, pack_nm
 from nmfx.state import STATE_SUFFIX, NMState
 
-__all__ = ["lower_inference", "VALUES_SUFFIX", "INDICES_SUFFIX"]
+__all__ = ["lower_inference", "semi_structured_problem", "VALUES_SUFFIX", "INDICES_SUFFIX", "SEMI_SUFFIX"]
 
 VALUES_SUFFIX = "_values"
 INDICES_SUFFIX = "_indices"
+SEMI_SUFFIX = "_semi"
+
+
+def semi_structured_problem(weight: torch.Tensor, pattern, out_features: int, in_features: int) -> str:
+    """Why a ``[out, in]`` weight cannot use ``to_sparse_semi_structured`` ("" when it can)."""
+    if weight.device.type != "cuda":
+        return f"needs a CUDA tensor (the weight is on {weight.device}; PyTorch's 2:4 kernels are CUDA-only)"
+    if torch.cuda.get_device_capability(weight.device) < (8, 0):
+        return f"needs an sm80+ GPU (this one is sm{''.join(map(str, torch.cuda.get_device_capability(weight.device)))})"
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        return f"needs float16 or bfloat16 weights (got {weight.dtype}; pass dtype= to to_inference)"
+    if not pattern.is_2to4_compatible:
+        return f"pattern {pattern} is not 2:4-compatible"
+    if out_features % 32 or in_features % 64:
+        return f"shape [{out_features}, {in_features}] is not a multiple of [32, 64]"
+    return ""
 
 
 def lower_inference(gm: fx.GraphModule, backend: str = "auto", structure_only: bool = False) -> fx.GraphModule:
     """Lower every ``masked_linear`` node of ``gm`` in place; returns ``gm``."""
     graph = gm.graph
-    lowered: set[str] = set()
+    lowered: dict[str, bool] = {}  # weight target -> lowered to semi-structured
     for node in annotated_nodes(graph):
         if node.target is not masked_linear:
             continue
@@ -44,19 +67,31 @@ def lower_inference(gm: fx.GraphModule, backend: str = "auto", structure_only: b
         state = getattr(owner, param + STATE_SUFFIX)
         if not isinstance(state, NMState):
             raise TypeError(f"{op.weight}: no nmfx state next to the weight; was the graph rewritten by nmfx?")
-        if op.target not in lowered:
-            _pack_into(owner, param, state, op, structure_only)
-            lowered.add(op.target)
         prefix = f"{owner_path}.{param}" if owner_path else param
         x, bias = node.args[0], node.args[3]
         pattern = state.pattern
+        weight = getattr(owner, param) if hasattr(owner, param) else None
+        semi, reason = _wants_semi_structured(backend, weight, pattern, op)
+        if op.target not in lowered:
+            if semi:
+                _semi_into(owner, param, state, op)
+            else:
+                _pack_into(owner, param, state, op, structure_only)
+            lowered[op.target] = semi
         with graph.inserting_before(node):
-            values = graph.get_attr(prefix + VALUES_SUFFIX)
-            indices = graph.get_attr(prefix + INDICES_SUFFIX)
-            new = graph.call_function(torch.ops.nmfx.nm_linear.default,
-                                      (x, values, indices, bias, pattern.n, pattern.m, index_bits(pattern.m), backend))
+            if lowered[op.target]:
+                new = graph.call_function(torch.nn.functional.linear, (x, graph.get_attr(prefix + SEMI_SUFFIX), bias))
+                kind = "semi_structured"
+            else:
+                values = graph.get_attr(prefix + VALUES_SUFFIX)
+                indices = graph.get_attr(prefix + INDICES_SUFFIX)
+                packed_backend = "auto" if backend == "semi_structured" else backend
+                new = graph.call_function(torch.ops.nmfx.nm_linear.default, (
+                    x, values, indices, bias, pattern.n, pattern.m, index_bits(pattern.m), packed_backend))
+                kind = "nm_linear"
         new.meta = dict(node.meta)
-        new.meta[META_KEY] = dataclasses.replace(op, kind="nm_linear", status="packed")
+        new.meta[META_KEY] = dataclasses.replace(op, kind=kind, status="packed",
+                                                 reason=f"{op.reason}; not semi-structured: {reason}" if reason else op.reason)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     graph.eliminate_dead_code()
@@ -70,6 +105,26 @@ def lower_inference(gm: fx.GraphModule, backend: str = "auto", structure_only: b
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _wants_semi_structured(backend: str, weight, pattern, op: PrunableOp) -> tuple[bool, str]:
+    """(use to_sparse_semi_structured, why not when it was asked for explicitly)."""
+    if backend not in ("semi_structured", "auto") or weight is None:
+        return False, ""
+    if backend == "auto" and (weight.device.type != "cuda" or not pattern.is_2to4_compatible):
+        return False, ""
+    problem = semi_structured_problem(weight, pattern, op.out_features, op.in_features)
+    return not problem, problem if backend == "semi_structured" else ""
+
+
+def _semi_into(owner: torch.nn.Module, param: str, state: NMState, op: PrunableOp) -> None:
+    weight = getattr(owner, param).detach()
+    mask = state.mask
+    if op.transposed:
+        weight, mask = weight.t(), mask.t()
+    dense = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)).contiguous()
+    sparse = torch.sparse.to_sparse_semi_structured(dense)
+    owner.register_parameter(param + SEMI_SUFFIX, torch.nn.Parameter(sparse, requires_grad=False))
 
 
 def _pack_into(owner: torch.nn.Module, param: str, state: NMState, op: PrunableOp, structure_only: bool) -> None:

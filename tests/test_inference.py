@@ -268,3 +268,27 @@ def test_file_without_nmfx_header_refused(tmp_path):
 def test_save_requires_an_inference_model(vit, tmp_path):
     with pytest.raises(ValueError, match="to_inference"):
         nmfx.save(vit, tmp_path / "x.safetensors")
+
+
+def test_semi_structured_falls_back_per_layer_with_a_reason(vit):
+    inference = nmfx.to_inference(vit, backend="semi_structured")
+    rows = [r for r in nmfx.report(inference) if r.status == "packed"]
+    assert rows and all(r.op == "nm_linear" and "not semi-structured: needs a CUDA tensor" in r.reason for r in rows)
+    with torch.no_grad():
+        torch.testing.assert_close(inference(X), vit(X), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="needs an sm80+ GPU")
+def test_semi_structured_on_gpu():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 8))
+    nmfx.sparsify(model, "1:8", "ste", include=["0.weight", "2.weight"])
+    model = model.cuda().half().eval()
+    x = torch.randn(64, 128, device="cuda", dtype=torch.half)
+    inference = nmfx.to_inference(model, backend="semi_structured")
+    assert [r.op for r in nmfx.report(inference) if r.status == "packed"] == ["semi_structured"] * 2
+    with torch.no_grad():
+        torch.testing.assert_close(inference(x), model(x), rtol=2e-2, atol=2e-2)
+    auto = nmfx.to_inference(model, backend="auto")
+    assert {r.op for r in nmfx.report(auto) if r.status == "packed"} == {"semi_structured"}
