@@ -85,6 +85,7 @@ def _worker(rank: int, mode: str, port: int, out: str) -> None:
         if rank == 0:
             torch.save({"masks": masks, "weights": weights, "follows": follows, "same": same_on_ranks,
                         "resumed": resumed_ok}, out)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
