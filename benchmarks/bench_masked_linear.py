@@ -3,7 +3,8 @@
 1. forward+backward of ``nmfx.ops.masked_linear`` vs dense ``F.linear`` on transformer shapes
    (2048 tokens; 1024->4096 and 4096->1024), eager and ``torch.compile``d, for a hard mask (STE/SDGF),
    a decaying one (MDGF, exact gradient) and SR-STE;
-2. ``nm_mask`` of a 4096x4096 weight vs one elementwise pass over it (``w.abs()``).
+2. ``nm_mask`` of a 4096x4096 weight vs one elementwise pass over it (``w.abs()``);
+3. ``nmfx.step`` and ``nmfx.stats`` per optimizer step on a GPT-2-width model, vs the training step.
 
 Targets (issue "Core runtime"): masked fwd+bwd <= 1.10x dense eager and <= 1.05x dense compiled; mask
 recompute <= 3x an elementwise pass for N <= 2. Ratios are measured in the same run, interleaved.
@@ -83,6 +84,36 @@ def bench_mask(size: int, reps: int) -> list[dict]:
     return rows
 
 
+def bench_step_and_stats(reps: int, quick: bool) -> dict:
+    """Cost of ``nmfx.step`` and ``nmfx.stats`` per optimizer step on a GPT-2-width model vs the step."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(n_layer=1 if quick else 2, n_embd=256 if quick else 768, n_head=4,
+                                     vocab_size=4096, n_positions=256)
+    model = nmfx.sparsify(transformers.GPT2LMHeadModel(config), "1:8", "mdgf", total_steps=1000)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 4096, (4, 64 if quick else 128))
+
+    def train_step():
+        logits = model(input_ids=ids, use_cache=False).logits
+        F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+        opt.step()
+
+    samples = {"train_step": [], "nmfx.step": [], "nmfx.stats": []}
+    for _ in range(reps):
+        samples["train_step"].append(_sample(train_step))
+        samples["nmfx.step"].append(_sample(lambda: nmfx.step(model)))
+        samples["nmfx.stats"].append(_sample(lambda: nmfx.stats(model)))
+        opt.zero_grad()
+    medians = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    return {"model": f"GPT-2 {config.n_layer} blocks x {config.n_embd}", "weights": len(nmfx.states(model)),
+            "tokens": f"batch {ids.shape[0]} x {ids.shape[1]} tokens",
+            **{f"{k}_ms": v for k, v in medians.items()},
+            "step_fraction": medians["nmfx.step"] / medians["train_step"],
+            "stats_fraction": medians["nmfx.stats"] / medians["train_step"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions (smoke run)")
@@ -101,9 +132,14 @@ def main() -> None:
     print(f"{'pattern':<9}{'pass ms':>9}{'mask ms':>9}{'ratio':>8}")
     for r in masks:
         print(f"{r['pattern']:<9}{r['elementwise_ms']:>9.1f}{r['mask_ms']:>9.1f}{r['ratio']:>8.2f}")
+    loop = bench_step_and_stats(reps, args.quick)
+    print(f"\nper optimizer step on {loop['model']} ({loop['weights']} sparsified weights, {loop['tokens']}):")
+    print(f"  training step {loop['train_step_ms']:.1f} ms | nmfx.step {loop['nmfx.step_ms']:.1f} ms "
+          f"({loop['step_fraction']:.1%}) | nmfx.stats {loop['nmfx.stats_ms']:.1f} ms ({loop['stats_fraction']:.1%})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "quick": args.quick, "training": training, "mask": masks}, indent=2))
+    out.write_text(json.dumps({"machine": info, "quick": args.quick, "training": training, "mask": masks,
+                               "loop": loop}, indent=2))
     print(f"\nwrote {out}")
 
 

@@ -114,7 +114,8 @@ def nm_mask(weight: torch.Tensor, pattern: PatternLike, dim: int = -1) -> torch.
     n, m = pattern.n, pattern.m
     moved = weight.detach().movedim(dim, -1)
     # |w| (our own temporary, modified in place below) with NaN mapped below every magnitude.
-    score = moved.abs()
+    # Written contiguous in the moved layout, so the group reductions below run over unit stride.
+    score = torch.abs(moved, out=torch.empty(moved.shape, dtype=moved.dtype, device=moved.device))
     if score.isnan().any():
         score.nan_to_num_(nan=-1.0, posinf=float("inf"))
     groups = score.reshape(*moved.shape[:-1], size // m, m)
