@@ -29,9 +29,13 @@ FLOPs fit that budget (its whole schedule and LR schedule fitted to the shorter 
 that budget would do); ``budget: "flops"`` marks those records. Recipes at or under the budget (SR-STE,
 SDGF geometric, whose stages keep the density N/M) reuse their equal-steps run.
 
-    python benchmarks/accuracy.py                  # default study (3 seeds; < 60 min on 2 cores)
+    python benchmarks/accuracy.py                  # default study (246 runs; ~37 min estimated, 1 thread)
     python benchmarks/accuracy.py --quick          # smoke configuration (< 3 min), writes to --out
     python benchmarks/accuracy.py --device cuda --scale 4    # wider models, 4x steps, on a GPU
+    python benchmarks/accuracy.py --from-json a.json b.json  # no training: rebuild tables / plots / write-up
+
+On CPU it runs 1 thread unless --threads says otherwise (2 spinning OpenMP threads on a shared 2-core
+machine made runs 10-30x slower). See benchmarks/ACCURACY.md for the configuration and the findings.
 
 Outputs (under --out, default benchmarks/results/): accuracy.json (one record per run), accuracy.md
 (the tables), accuracy_vs_sparsity.png and diagnostics_1x16.png (needs matplotlib: pip install -e
@@ -142,7 +146,10 @@ class CausalBlock(nn.Module):
 
 
 class ByteLM(nn.Module):
-    """A small decoder-only byte-level language model (vocab 256, learned positions, untied head)."""
+    """A small decoder-only byte-level language model (vocab 256, learned positions, untied head).
+
+    The token embedding keeps PyTorch's N(0, 1) init: with GPT-2's 0.02 the bytes drown in the random
+    block outputs early on, and at these short budgets a 1:16 model then beats the dense one."""
 
     def __init__(self, dim: int = 128, depth: int = 2, heads: int = 4, context: int = 64, vocab: int = 256):
         super().__init__()
@@ -151,7 +158,6 @@ class ByteLM(nn.Module):
         self.blocks = nn.ModuleList(CausalBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab)
-        nn.init.normal_(self.tok.weight, std=0.02)
         nn.init.trunc_normal_(self.pos, std=0.02)
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -583,7 +589,7 @@ _STYLE = {("srste", None): ("tab:red", "o"), ("mdgf", "linear"): ("tab:blue", "s
           ("sdgf", "geometric"): ("tab:olive", "v")}
 
 
-def plot(records: list[dict], out: Path) -> list[Path]:
+def plot(records: list[dict], out: Path, diag_task: str = "lm") -> list[Path]:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -637,7 +643,8 @@ def plot(records: list[dict], out: Path) -> list[Path]:
     if not target:
         print("no 1:16 runs: skipping diagnostics_1x16.png")
         return written
-    task = next(t for t in task_names if any(r["task"] == t for r in target))
+    have = [t for t in task_names if any(r["task"] == t for r in target)]
+    task = diag_task if diag_task in have else have[0]
     seed = min(r["seed"] for r in target if r["task"] == task)
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
     for r in target:
@@ -731,13 +738,27 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help=f"update the generated sections of this write-up (default: {WRITEUP} unless --quick)")
     parser.add_argument("--no-writeup", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--diag-task", default="lm", choices=list(TASKS), help="task of diagnostics_1x16.png (seed 0)")
+    parser.add_argument("--from-json", type=Path, nargs="+", metavar="JSON",
+                        help="train nothing: rebuild the tables, plots (and write-up) from these accuracy.json files")
     args = parser.parse_args(argv)
     from tqdm.auto import tqdm
 
     if args.threads or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
-    config = build_config(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        records = [r for path in args.from_json for r in json.loads(path.read_text())]
+        runs = {}
+        for r in records:
+            runs.setdefault(r.get("config", "?"), []).append(r)
+        provenance = ("Numbers from " + "; ".join(
+            f"the run `{name}` ({len(rs)} runs, tasks {', '.join(sorted({r['task'] for r in rs}))}, "
+            f"{sum(r['wall_s'] for r in rs) / 60:.1f} min of training on {rs[0].get('device', '?')}, "
+            f"{rs[0].get('threads', '?')} thread(s), torch {rs[0].get('torch', '?')})" for name, rs in runs.items())
+            + f", on {_cpu_name()}; regenerated with --from-json.")
+        return _write_outputs(args, records, provenance)
+    config = build_config(args)
     started = time.perf_counter()
     tasks = {name: TASKS[name](getattr(config, name), args.device) for name in config.tasks}
     fwds = {name: forward_flops(task, task.model()) for name, task in tasks.items()}
@@ -754,18 +775,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         rec.update(config=config.name, device=args.device, threads=torch.get_num_threads(), torch=torch.__version__)
         records.append(rec)
     total = time.perf_counter() - started
+    provenance = (f"Numbers from the run `{config.name}` ({len(records)} runs, {total / 60:.1f} min wall on "
+                  f"{args.device}, {_cpu_name()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
+                  f"{time.strftime('%Y-%m-%d')}).")
+    return _write_outputs(args, records, provenance, total)
+
+
+def _write_outputs(args: argparse.Namespace, records: list[dict], provenance: str, total: Optional[float] = None) -> int:
     (args.out / "accuracy.json").write_text(json.dumps(records, indent=1))
     table_md = tables(records)
-    cpu = _cpu_name()
-    provenance = (f"Numbers from the run `{config.name}` ({len(records)} runs, {total / 60:.1f} min wall on "
-                  f"{args.device}, {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-                  f"{time.strftime('%Y-%m-%d')}).")
     (args.out / "accuracy.md").write_text(f"# Accuracy study\n\n{provenance}\n\n{table_md}\n")
     print()
     print(table_md)
-    for path in plot(records, args.out):
+    for path in plot(records, args.out, args.diag_task):
         print(f"wrote {path}")
-    print(f"wrote {args.out / 'accuracy.json'} and {args.out / 'accuracy.md'} ({len(records)} runs, {total:.0f} s)")
+    print(f"wrote {args.out / 'accuracy.json'} and {args.out / 'accuracy.md'} ({len(records)} runs"
+          + (f", {total:.0f} s)" if total is not None else ")"))
     writeup = args.writeup or (None if args.quick else WRITEUP)
     if writeup and not args.no_writeup:
         update_writeup(writeup, provenance, table_md)
