@@ -41,8 +41,11 @@ __all__ = [
 #: Version of the serialized method config (``Method.to_dict``); bump on incompatible changes.
 CONFIG_VERSION = 1
 
-#: Default exponential decay when only ``total_steps`` is given: alpha = exp(-5) ~ 0.0067 at the end of
-#: the sparse phase, after which the mask is hard.
+#: With ``total_steps`` and no ``decay_coef``, MDGF's alpha decays over this fraction of the sparse phase
+#: (linear: to 0; exponential: to exp(-5) ~ 0.0067, then 0), so the rest trains at the hard mask. The
+#: official 2e-4 reaches 0 after 5,000 steps, a small fraction of its recipes' length; decaying until the
+#: very last step would amount to dense training followed by an unrecovered one-shot prune.
+_DECAY_FRACTION = 0.5
 _EXP_DECAY_END_EXPONENT = 5.0
 
 #: The geometric / densify SDGF schedules never use masks with groups wider than this.
@@ -214,8 +217,9 @@ class MDGF(Method):
         decay: ``"linear"`` (alpha = max(0, 1 - c s)) or ``"exponential"`` (alpha = exp(-c s)); ``s``
             counts optimizer steps from the end of the dense warm-up (the official code means this but
             its offset is 100x too small; nmfx does not copy that).
-        decay_coef: ``c``. Default: with ``total_steps``, fitted to the sparse phase (linear reaches 0 at
-            its end, exponential reaches exp(-5)); without it, the official 2e-4.
+        decay_coef: ``c``. Default: with ``total_steps``, fitted to the first half of the sparse phase
+            (linear reaches 0 there, exponential exp(-5); the second half trains at the hard mask);
+            without it, the official 2e-4.
         gradient: ``"straight_through"`` (official: ``g`` reaches W unchanged) or ``"exact"`` (the
             autograd gradient ``g * (m + alpha (1 - m))``).
     """
@@ -240,11 +244,14 @@ class MDGF(Method):
         length = self._sparse_len
         if not length:
             return 2e-4
-        return 1.0 / length if self.decay == "linear" else _EXP_DECAY_END_EXPONENT / length
+        decay_steps = max(1.0, _DECAY_FRACTION * length)
+        return 1.0 / decay_steps if self.decay == "linear" else _EXP_DECAY_END_EXPONENT / decay_steps
 
     def _alpha(self, sparse_step: int) -> float:
         if self.decay == "linear":
             return max(0.0, 1.0 - self.coef * sparse_step)
+        if self.decay_coef is None and self._sparse_len and sparse_step >= _DECAY_FRACTION * self._sparse_len:
+            return 0.0  # the fitted exponential hands over to the hard mask where linear reaches 0
         return math.exp(-self.coef * sparse_step)
 
     @property

@@ -85,7 +85,8 @@ def test_flops_counting(study):
             hard = cell[("srste", None)]
             assert cell[("mdgf", "linear")] >= hard and cell[("mdgf", "exponential")] >= hard
             assert cell[("sdgf", "stepwise")] >= hard
-            assert cell[("mdgf", "linear")] == pytest.approx(dense["train_flops"])  # decaying = dense cost
+            # dense cost while alpha > 0 (the first half of the run by default), sparse cost after
+            assert hard < cell[("mdgf", "linear")] < dense["train_flops"]
             assert all(dense["train_flops"] >= f * (1 - 1e-12) for f in cell.values())
             assert hard < dense["train_flops"]
 
