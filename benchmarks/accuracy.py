@@ -69,7 +69,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import nmfx
-from nmfx.examples import TinyViT, digits
+from nmfx.examples import Block, TinyViT, digits
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
@@ -122,29 +122,6 @@ QUICK = StudyConfig(
 # ----------------------------------------------------------------------------------------------
 # Tasks
 # ----------------------------------------------------------------------------------------------
-class CausalBlock(nn.Module):
-    """Pre-norm decoder block: q/k/v/o around causal SDPA, then a GELU MLP (traces whole with fx)."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.up = nn.Linear(dim, dim * mlp_ratio)
-        self.down = nn.Linear(dim * mlp_ratio, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.norm1(x)
-        q, k, v = (proj(h).unflatten(-1, (self.heads, -1)).transpose(1, 2) for proj in (self.q, self.k, self.v))
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(-2)
-        x = x + self.o(attn)
-        return x + self.down(F.gelu(self.up(self.norm2(x))))
-
-
 class ByteLM(nn.Module):
     """A small decoder-only byte-level language model (vocab 256, learned positions, untied head).
 
@@ -155,7 +132,7 @@ class ByteLM(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(torch.zeros(1, context, dim))
-        self.blocks = nn.ModuleList(CausalBlock(dim, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, causal=True) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab)
         nn.init.trunc_normal_(self.pos, std=0.02)

@@ -33,11 +33,12 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> tuple[Tensor, Tensor, 
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: q/k/v/o projections around SDPA, then a GELU MLP."""
+    """Pre-norm transformer block: q/k/v/o projections around SDPA (causal for a decoder), then a GELU MLP."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0, causal: bool = False):
         super().__init__()
         self.heads = heads
+        self.causal = causal
         self.norm1 = nn.LayerNorm(dim)
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
@@ -51,7 +52,7 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm1(x)
         q, k, v = (proj(h).unflatten(-1, (self.heads, -1)).transpose(1, 2) for proj in (self.q, self.k, self.v))
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(-2)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal).transpose(1, 2).flatten(-2)
         x = x + self.drop(self.o(attn))
         return x + self.drop(self.down(F.gelu(self.up(self.norm2(x)))))
 
