@@ -50,8 +50,9 @@ def sparsify(
 ) -> nn.Module:
     """Rewrite ``model``'s prunable linear ops into N:M masked-weight ops, **in place**, and return it.
 
-    The model object itself is kept (its class, methods and ``state_dict`` names); the smallest
-    traceable submodules that hold prunable ops are replaced by rewritten ``GraphModule``s. Call
+    The model object itself is kept (its class, methods and ``state_dict`` names); the largest
+    traceable submodules below it that hold prunable ops are replaced by rewritten ``GraphModule``s
+    (down to single ``nn.Linear``s where nothing larger traces). Call
     :func:`nmfx.step` after every optimizer step. Every decision is in :func:`nmfx.report`.
 
     Args:
@@ -71,6 +72,10 @@ def sparsify(
     pattern = Pattern.parse(pattern)
     method = resolve_method(method, **method_options)
     method.patterns(pattern)  # a schedule that cannot reach the target fails here, before any change
+    if method.name == "sdgf" and method.total_steps is None and method.stage_steps is None:
+        warnings.warn("nmfx.sparsify: sdgf without total_steps moves to the next stage every 1,000 steps; "
+                      "pass total_steps=<optimizer steps of your run> to spread the stages over it "
+                      "(or stage_steps=...)", stacklevel=2)
     policy = Policy(pattern, method, _globs("include", include), _globs("exclude", exclude) or (),
                     _tied_parameters(model))
 

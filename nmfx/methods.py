@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence, Union
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
 from nmfx.pattern import Pattern, PatternLike
 
@@ -47,6 +47,9 @@ CONFIG_VERSION = 1
 #: very last step would amount to dense training followed by an unrecovered one-shot prune.
 _DECAY_FRACTION = 0.5
 _EXP_DECAY_END_EXPONENT = 5.0
+
+#: SDGF's stage length when neither ``total_steps`` nor ``stage_steps`` is given.
+_DEFAULT_STAGE_STEPS = 1000
 
 #: The geometric / densify SDGF schedules never use masks with groups wider than this.
 _MAX_SCHEDULE_M = 128
@@ -270,9 +273,13 @@ class SDGF(Method):
             together at constant density (1:8: 8:64 -> 4:32 -> 2:16 -> 1:8), groups never wider than
             128. ``"densify"`` (official ``DENSIFY``): N fixed, M shrinking (1:8: 1:64 -> 1:32 -> 1:16 ->
             1:8). Or an explicit sequence of patterns ending at the target.
+        stage_steps: without ``total_steps``, each stage lasts this many optimizer steps (default
+            1,000), then the target pattern holds for good. With ``total_steps`` the stages split the
+            sparse phase equally, as in the official code (give one or the other).
     """
 
     schedule: Union[str, Sequence[PatternLike]] = "stepwise"
+    stage_steps: Optional[int] = None
     name: ClassVar[str] = "sdgf"
 
     def __post_init__(self) -> None:
@@ -284,9 +291,11 @@ class SDGF(Method):
             raise ValueError(f"sdgf: schedule={self.schedule!r}: expected 'stepwise', 'geometric', "
                              "'densify' or a non-empty list of patterns such as ['4:8', '2:8', '1:8']")
         super().__post_init__()
-        if self.total_steps is None:
-            raise ValueError("sdgf: total_steps is required (the stages are spread over the sparse phase); "
-                             "pass total_steps=<number of optimizer steps>")
+        if self.stage_steps is not None:
+            _check_int("stage_steps", self.stage_steps, minimum=1)
+            if self.total_steps is not None:
+                raise ValueError("sdgf: give total_steps (stages split the run) or stage_steps (fixed stage "
+                                 "length), not both")
 
     def patterns(self, target: PatternLike) -> tuple[Pattern, ...]:
         target = Pattern.parse(target)
@@ -313,8 +322,11 @@ class SDGF(Method):
 
     def _sparse_pattern(self, sparse_step: int, target: Pattern) -> Pattern:
         stages = self.patterns(target)
-        length = max(1, self._sparse_len or 1)
-        return stages[min(sparse_step * len(stages) // length, len(stages) - 1)]
+        if self._sparse_len is None:
+            stage = sparse_step // (self.stage_steps or _DEFAULT_STAGE_STEPS)
+        else:
+            stage = sparse_step * len(stages) // max(1, self._sparse_len)
+        return stages[min(stage, len(stages) - 1)]
 
 
 #: Method name -> config class (a constant table, not a registry).

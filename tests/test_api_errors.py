@@ -155,13 +155,21 @@ def test_unknown_option_lists_valid_ones(method, options, bad):
     assert_untouched(model, before, types)
 
 
+def test_default_call_works_and_warns_about_sdgf_stage_length():
+    """The headline call, nmfx.sparsify(model, pattern="1:8"), works; sdgf without total_steps says
+    how long its stages are."""
+    with pytest.warns(UserWarning, match="every 1,000 steps.*total_steps"):
+        model = nmfx.sparsify(fresh(), pattern="1:4")
+    assert nmfx.masks(model)
+
+
 def test_unknown_option_on_a_method_config():
     with pytest.raises(ValueError, match="unknown option.*nope"):
         nmfx.sparsify(fresh(), "1:4", nmfx.STE(), nope=3)
 
 
 @pytest.mark.parametrize("method, options, needle", [
-    ("sdgf", {}, "total_steps"),
+    ("sdgf", {"total_steps": 10, "stage_steps": 3}, "not both"),
     ("mdgf", {"decay": "cosine"}, "decay"),
     ("ste", {"mask_interval": 0}, "mask_interval"),
     ("srste", {"srste_lambda": -1.0}, "srste_lambda"),

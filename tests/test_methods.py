@@ -35,7 +35,8 @@ def test_unknown_option_lists_valid():
     {"method": "ste", "total_steps": 0}, {"method": "ste", "mask_interval": 0}, {"method": "ste", "dense_steps": -1},
     {"method": "ste", "dense_steps": 0.1}, {"method": "ste", "total_steps": 10, "dense_steps": 1.5},
     {"method": "ste", "total_steps": 10, "dense_steps": 6, "fine_tune_steps": 5}, {"method": "ste", "fine_tune_steps": 3},
-    {"method": "sdgf"}, {"method": "sdgf", "total_steps": 10, "schedule": "linear"}, {"method": "sdgf", "total_steps": 10, "schedule": []},
+    {"method": "sdgf", "total_steps": 10, "stage_steps": 5}, {"method": "sdgf", "stage_steps": 0},
+    {"method": "sdgf", "total_steps": 10, "schedule": "linear"}, {"method": "sdgf", "total_steps": 10, "schedule": []},
     {"method": "sdgf", "total_steps": 10, "schedule": ["2:8", "x"]},
 ])
 def test_invalid_configs(kwargs):
@@ -124,6 +125,13 @@ def test_sdgf_equal_stages_over_the_sparse_phase():
     got = {s: str(m.state_at(s, "1:8").pattern) for s in (0, 20, 39, 40, 60, 80, 99, 100, 500)}
     assert got == {0: "7:8", 20: "7:8", 39: "7:8", 40: "4:8", 60: "2:8", 80: "1:8", 99: "1:8", 100: "1:8", 500: "1:8"}
     assert all(m.state_at(s, "1:8").alpha == 0.0 for s in (20, 99))
+
+
+def test_sdgf_without_total_steps_uses_fixed_stage_lengths():
+    m = SDGF(stage_steps=10)
+    got = [str(m.state_at(s, "1:8").pattern) for s in (0, 9, 10, 25, 30, 10_000)]
+    assert got == ["7:8", "7:8", "4:8", "2:8", "1:8", "1:8"]
+    assert str(SDGF().state_at(999, "1:8").pattern) == "7:8" and str(SDGF().state_at(1000, "1:8").pattern) == "4:8"
 
 
 def test_sdgf_explicit_list_must_end_at_target():
