@@ -201,3 +201,33 @@ def test_compile_fullgraph_and_export(cpu_kernel):
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert torch.ops.nmfx.nm_linear.default in targets
     torch.testing.assert_close(ep.module()(x), eager)
+
+
+def test_no_compiler_falls_back_to_the_reference_with_one_warning(tmp_path):
+    """With no working C++ compiler (CXX=/bin/false, empty build cache), 'auto' and 'cpu' still compute
+    the right result through the reference, and say so once."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import warnings, torch
+        from nmfx.inference_ops import nm_linear_packed
+        from nmfx.kernels import cpu
+        from nmfx.packed import pack_nm
+        p = pack_nm(torch.randn(8, 32), "1:8")
+        x = torch.randn(3, 32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ys = [nm_linear_packed(x, p, None, backend=b) for b in ("auto", "cpu", "auto")]
+        expected = torch.nn.functional.linear(x, p.unpack())
+        assert all(torch.allclose(y, expected, atol=1e-6) for y in ys)
+        assert not cpu.available() and cpu.build_error()
+        messages = [str(w.message) for w in caught if "reference" in str(w.message)]
+        assert len(messages) == 1, messages
+        print("ok")
+    """)
+    env = {**os.environ, "CXX": "/bin/false", "NMFX_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
