@@ -73,6 +73,38 @@ def end_to_end(pattern: str, quick: bool) -> list[dict]:
     return rows
 
 
+def plot(result: dict, path: Path) -> None:
+    """Speed-up over dense per pattern vs batch (fp32 and bf16 panels; CSR dashed for fp32)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[study]'): no plot")
+        return
+    dtypes = sorted({r["dtype"] for r in result["rows"]}, reverse=True)
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.2), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        for pattern in dict.fromkeys(r["pattern"] for r in result["rows"]):
+            rows = [r for r in result["rows"] if r["dtype"] == dtype and r["pattern"] == pattern]
+            line, = ax.plot([r["batch"] for r in rows], [r["speedup_vs_dense"] for r in rows], marker="o", label=pattern)
+            if dtype == "float32" and all(r["speedup_vs_csr"] for r in rows):
+                ax.plot([r["batch"] for r in rows], [r["speedup_vs_csr"] for r in rows], ls="--", color=line.get_color(),
+                        alpha=0.6)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="batch (tokens)", ylabel="speed-up of nmfx",
+               title=f"{dtype}: vs dense F.linear (solid)" + (", vs torch CSR (dashed)" if dtype == "float32" else ""))
+        ax.legend(title="pattern", fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    machine = result["machine"]
+    fig.suptitle(f"one {result['shape'][0]}x{result['shape'][1]} layer, {result['threads']} threads, {machine['cpu']} "
+                 f"(kernel ISA {result['kernel_isa']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1:8, batch 1 and 64, fp32")
@@ -84,10 +116,14 @@ def main() -> None:
     parser.add_argument("--no-csr", action="store_true", help="skip torch CSR")
     parser.add_argument("--e2e", action="store_true", help="also time GPT-2 decode and a ViT end to end")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --output's JSON")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each row, wait up to SECONDS for the CPUs to be idle (<10%% busy)")
     args = parser.parse_args()
 
+    if args.plot_only:
+        plot(json.loads(args.output.read_text()), args.output.with_suffix(".png"))
+        return
     torch.set_num_threads(args.threads)
     if not nmfx_cpu.available():
         raise SystemExit(f"nmfx C++ kernel unavailable: {nmfx_cpu.build_error()}")
@@ -117,6 +153,7 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.output}")
+    plot(result, args.output.with_suffix(".png"))
 
 
 if __name__ == "__main__":
