@@ -29,12 +29,22 @@ from nmfx.ops import masked_linear
 from nmfx.bench import describe, machine_info
 
 
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _sample(fn) -> float:
     """Seconds of one call after one warm-up call (samples of two functions are interleaved by the
     callers so both see the same machine noise)."""
     fn()
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
 
 
@@ -44,9 +54,10 @@ def bench_training(tokens: int, shapes, reps: int, compile_: bool) -> list[dict]
                 "mdgf exact": dict(alpha=0.3, lam=None, exact=True),
                 "srste": dict(alpha=0.0, lam=2e-4, exact=False)}
     for in_f, out_f in shapes:
-        x = torch.randn(tokens, in_f, requires_grad=True)
-        w = torch.randn(out_f, in_f, requires_grad=True)
-        b = torch.randn(out_f, requires_grad=True)
+        dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+        x = torch.randn(tokens, in_f, device=DEVICE, dtype=dtype, requires_grad=True)
+        w = torch.randn(out_f, in_f, device=DEVICE, dtype=dtype, requires_grad=True)
+        b = torch.randn(out_f, device=DEVICE, dtype=dtype, requires_grad=True)
         mask = nmfx.nm_mask(w, "1:8")
 
         modes = [("eager", lambda f: f)]
@@ -55,8 +66,8 @@ def bench_training(tokens: int, shapes, reps: int, compile_: bool) -> list[dict]
         for mode, wrap in modes:
             dense_fn = wrap(lambda: F.linear(x, w, b).sum())
             for name, v in variants.items():
-                alpha = torch.tensor(v["alpha"])
-                lam = None if v["lam"] is None else torch.tensor(v["lam"])
+                alpha = torch.tensor(v["alpha"], device=DEVICE)
+                lam = None if v["lam"] is None else torch.tensor(v["lam"], device=DEVICE)
                 masked_fn = wrap(lambda: masked_linear(x, w, mask, b, alpha, lam, v["exact"]).sum())
                 run_dense = lambda: dense_fn().backward()
                 run_masked = lambda: masked_fn().backward()
@@ -72,7 +83,7 @@ def bench_training(tokens: int, shapes, reps: int, compile_: bool) -> list[dict]
 
 
 def bench_mask(size: int, reps: int) -> list[dict]:
-    w = torch.randn(size, size)
+    w = torch.randn(size, size, device=DEVICE)
     rows = []
     for pattern in ("1:4", "2:4", "1:8", "2:8", "1:16", "1:32", "4:8"):
         t_base, t_mask = [], []
@@ -91,9 +102,9 @@ def bench_step_and_stats(reps: int, quick: bool) -> dict:
     transformers.logging.set_verbosity_error()
     config = transformers.GPT2Config(n_layer=1 if quick else 2, n_embd=256 if quick else 768, n_head=4,
                                      vocab_size=4096, n_positions=256)
-    model = nmfx.sparsify(transformers.GPT2LMHeadModel(config), "1:8", "mdgf", total_steps=1000)
+    model = nmfx.sparsify(transformers.GPT2LMHeadModel(config).to(DEVICE), "1:8", "mdgf", total_steps=1000)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, 4096, (4, 64 if quick else 128))
+    ids = torch.randint(0, 4096, (4, 64 if quick else 128), device=DEVICE)
 
     def train_step():
         logits = model(input_ids=ids, use_cache=False).logits
@@ -119,7 +130,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions (smoke run)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/bench_masked_linear.json")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (bf16 training shapes) on a GPU machine")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     info = machine_info()
     tokens, shapes, reps, size = (256, [(256, 1024), (1024, 256)], 3, 1024) if args.quick else (2048, [(1024, 4096), (4096, 1024)], 7, 4096)
     print(f"machine: {describe(info)}\n")
@@ -138,7 +152,7 @@ def main() -> None:
           f"({loop['step_fraction']:.1%}) | nmfx.stats {loop['nmfx.stats_ms']:.1f} ms ({loop['stats_fraction']:.1%})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "quick": args.quick, "training": training, "mask": masks,
+    out.write_text(json.dumps({"machine": info, "device": str(DEVICE), "quick": args.quick, "training": training, "mask": masks,
                                "loop": loop}, indent=2))
     print(f"\nwrote {out}")
 
