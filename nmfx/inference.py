@@ -99,13 +99,14 @@ def _materialize_attention(model: nn.Module) -> None:
 
 def packed_layers(model: nn.Module) -> list[dict]:
     """Name, pattern and layout of every packed layer of an inference model (for file headers)."""
+    pattern = str(record(model).pattern)
     layers = []
     for scope, gm in graphs(model).items():
         for node in annotated_nodes(gm.graph):
             op = node.meta[META_KEY]
             if op.status == "packed":
                 layers.append({"weight": op.weight, "shape": list(op.weight_shape), "transposed": op.transposed,
-                               "pattern": f"{node.args[4]}:{node.args[5]}", "scope": scope})
+                               "pattern": pattern, "kind": op.kind, "scope": scope})
     return layers
 
 

@@ -41,12 +41,18 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         raise ValueError("nmfx.save writes inference models: call nmfx.to_inference(model) first "
                          "(a training checkpoint is simply model.state_dict())")
     found = record(model)
+    layers = packed_layers(model)
+    semi = [layer["weight"] for layer in layers if layer["kind"] == "semi_structured"]
+    if semi:
+        raise ValueError(f"{len(semi)} layers (e.g. {semi[0]}) are lowered to semi-structured 2:4 tensors, which the "
+                         "file format does not hold: save a to_inference(model, backend='auto') lowering made on the "
+                         "CPU and lower again on the GPU after loading")
     tensors = _unique_tensors(model)
     header = {
         "format_version": FILE_FORMAT_VERSION,
         "pattern": str(found.pattern),
         "method": found.method.to_dict(),
-        "layers": packed_layers(model),
+        "layers": layers,
         "tensors": {name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
                     for name, t in tensors.items()},
     }

@@ -280,7 +280,7 @@ def test_semi_structured_falls_back_per_layer_with_a_reason(vit):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
                     reason="needs an sm80+ GPU")
-def test_semi_structured_on_gpu():
+def test_semi_structured_on_gpu(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 8))
     nmfx.sparsify(model, "1:8", "ste", include=["0.weight", "2.weight"])
@@ -292,3 +292,5 @@ def test_semi_structured_on_gpu():
         torch.testing.assert_close(inference(x), model(x), rtol=2e-2, atol=2e-2)
     auto = nmfx.to_inference(model, backend="auto")
     assert {r.op for r in nmfx.report(auto) if r.status == "packed"} == {"semi_structured"}
+    with pytest.raises(ValueError, match="semi-structured"):
+        nmfx.save(inference, tmp_path / "semi.safetensors")
