@@ -26,7 +26,7 @@ import dataclasses
 import torch
 from torch import fx
 
-from nmfx.inference_ops import nm_linear  # registers torch.ops.nmfx.nm_linear
+import nmfx.inference_ops  # noqa: F401  (registers torch.ops.nmfx.nm_linear)
 from nmfx.meta import META_KEY, PrunableOp, annotated_nodes
 from nmfx.ops import masked_linear
 from nmfx.packed import index_bits, pack_nm

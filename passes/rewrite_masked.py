@@ -35,16 +35,16 @@ def rewrite_masked(gm: fx.GraphModule, pattern: Pattern, method: Method) -> fx.G
         op: PrunableOp = node.meta[META_KEY]
         if op.status != "sparsify":
             continue
-        state_path = _ensure_state(gm, op, pattern, method)
+        state_path, state = _ensure_state(gm, op, pattern, method)
         x, bias = _operands(gm, node, op)
         with graph.inserting_before(node):
             weight = graph.get_attr(op.target)
             mask = graph.get_attr(f"{state_path}.mask")
             alpha = graph.get_attr(f"{state_path}.alpha")
-            srste = graph.get_attr(f"{state_path}.srste_lambda") if method.name == "srste" else None
+            srste = graph.get_attr(f"{state_path}.srste_lambda") if state.uses_srste else None
             new = graph.call_function(
                 masked_linear, (x, weight, mask, bias, alpha, srste),
-                {"exact_gradient": getattr(method, "exact_gradient", False), "transposed": op.transposed},
+                {"exact_gradient": state.exact_gradient, "transposed": op.transposed},
             )
         new.meta = dict(node.meta)
         new.meta[META_KEY] = dataclasses.replace(op, status="sparsified")
@@ -56,14 +56,15 @@ def rewrite_masked(gm: fx.GraphModule, pattern: Pattern, method: Method) -> fx.G
     return gm
 
 
-def _ensure_state(gm: fx.GraphModule, op: PrunableOp, pattern: Pattern, method: Method) -> str:
+def _ensure_state(gm: fx.GraphModule, op: PrunableOp, pattern: Pattern, method: Method) -> tuple[str, NMState]:
+    """(path, state) of the weight's NMState, created on first use (one per weight)."""
     owner_path, _, param_name = op.target.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
     state_name = param_name + STATE_SUFFIX
     if not isinstance(getattr(owner, state_name, None), NMState):
         weight = owner.get_parameter(param_name)
         owner.add_module(state_name, NMState(param_name, weight, pattern, method, dim=op.group_dim))
-    return f"{owner_path}.{state_name}" if owner_path else state_name
+    return (f"{owner_path}.{state_name}" if owner_path else state_name), getattr(owner, state_name)
 
 
 def _operands(gm: fx.GraphModule, node: fx.Node, op: PrunableOp):

@@ -15,7 +15,7 @@ import copy
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import pytest
 import torch
