@@ -64,7 +64,7 @@ def main() -> None:
         if (step + 1) % 50 == 0:
             stats = nmfx.stats(model, per_layer=False)  # on every rank: it gathers FSDP2 gradients
             if rank == 0:
-                    print(f"step {step + 1:4d}  loss {loss.item():.3f}  sparsity {stats['nmfx/sparsity']:.3f}  "
+                print(f"step {step + 1:4d}  loss {loss.item():.3f}  sparsity {stats['nmfx/sparsity']:.3f}  "
                       f"flips {stats['nmfx/flip_rate']:.4f}  grad norm pruned/kept "
                       f"{stats['nmfx/grad_norm_pruned']:.3f}/{stats['nmfx/grad_norm_kept']:.3f}")
     wrapped.eval()

@@ -3,8 +3,10 @@ single-process run on the same global batch, and masks that follow the sharded p
 steps and a resume (the FSDP2 failure mode seen in other tools: a mask tied to the pre-sharding
 parameter, or never refreshed)."""
 
+import gc
 import os
 import socket
+import sys
 import tempfile
 
 import pytest
@@ -51,43 +53,55 @@ def _shard(model):
     return fully_shard(model)
 
 
+def _run(rank: int, mode: str, out: str) -> None:
+    model = _model()
+    wrapped = nn.parallel.DistributedDataParallel(model) if mode == "ddp" else _shard(model)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+    _train(wrapped, opt, STEPS, rank, WORLD)
+    masks = {k: v.clone() for k, v in nmfx.masks(model).items()}
+    weights = {k: _full(v.detach()).clone() for k, v in model.named_parameters()}
+    # Masks must be the N:M mask of the *current, full* weights on every rank.
+    follows = all(torch.equal(masks[k], nmfx.nm_mask(weights[k], nmfx.states(model)[k].schedule.pattern))
+                  for k in masks)
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, masks)
+    same_on_ranks = all(all(torch.equal(g[k], masks[k]) for k in masks) for g in gathered)
+    resumed_ok = None
+    if mode == "fsdp2":
+        checkpoint = {k: v for k, v in model.state_dict().items()}
+        fresh = _model()
+        _shard(fresh)
+        fresh.load_state_dict(checkpoint)
+        opt_fresh = torch.optim.SGD(fresh.parameters(), lr=0.1)
+        opt_cont = torch.optim.SGD(model.parameters(), lr=0.1)
+        _train(model, opt_cont, 2, rank, WORLD, start=STEPS)
+        _train(fresh, opt_fresh, 2, rank, WORLD, start=STEPS)
+        resumed_ok = all(torch.equal(a, b) for a, b in zip(nmfx.masks(model).values(), nmfx.masks(fresh).values()))
+        resumed_ok &= all(torch.equal(_full(a.detach()), _full(b.detach()))
+                          for a, b in zip(model.parameters(), fresh.parameters()))
+        resumed_ok &= all(torch.equal(m, nmfx.nm_mask(_full(model.get_parameter(k)), "1:4")) for k, m in nmfx.masks(model).items())
+    if rank == 0:
+        torch.save({"masks": masks, "weights": weights, "follows": follows, "same": same_on_ranks,
+                    "resumed": resumed_ok}, out)
+
+
 def _worker(rank: int, mode: str, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        model = _model()
-        wrapped = nn.parallel.DistributedDataParallel(model) if mode == "ddp" else _shard(model)
-        opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
-        _train(wrapped, opt, STEPS, rank, WORLD)
-        masks = {k: v.clone() for k, v in nmfx.masks(model).items()}
-        weights = {k: _full(v.detach()).clone() for k, v in model.named_parameters()}
-        # Masks must be the N:M mask of the *current, full* weights on every rank.
-        follows = all(torch.equal(masks[k], nmfx.nm_mask(weights[k], nmfx.states(model)[k].schedule.pattern))
-                      for k in masks)
-        gathered = [None] * WORLD
-        dist.all_gather_object(gathered, masks)
-        same_on_ranks = all(all(torch.equal(g[k], masks[k]) for k in masks) for g in gathered)
-        resumed_ok = None
-        if mode == "fsdp2":
-            checkpoint = {k: v for k, v in model.state_dict().items()}
-            fresh = _model()
-            _shard(fresh)
-            fresh.load_state_dict(checkpoint)
-            opt_fresh = torch.optim.SGD(fresh.parameters(), lr=0.1)
-            opt_cont = torch.optim.SGD(model.parameters(), lr=0.1)
-            _train(model, opt_cont, 2, rank, WORLD, start=STEPS)
-            _train(fresh, opt_fresh, 2, rank, WORLD, start=STEPS)
-            resumed_ok = all(torch.equal(a, b) for a, b in zip(nmfx.masks(model).values(), nmfx.masks(fresh).values()))
-            resumed_ok &= all(torch.equal(_full(a.detach()), _full(b.detach()))
-                              for a, b in zip(model.parameters(), fresh.parameters()))
-            resumed_ok &= all(torch.equal(m, nmfx.nm_mask(_full(model.get_parameter(k)), "1:4")) for k, m in nmfx.masks(model).items())
-        if rank == 0:
-            torch.save({"masks": masks, "weights": weights, "follows": follows, "same": same_on_ranks,
-                        "resumed": resumed_ok}, out)
+        _run(rank, mode, out)
+        # The models (and FSDP2's device mesh) die here, while the process group is alive: a gloo
+        # group that outlives them is torn down at interpreter exit instead, where its worker
+        # threads can abort the process ("terminate called without an active exception").
+        gc.collect()
         dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
+    gc.collect()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # success: skip interpreter finalization, the remaining place gloo can abort
 
 
 def _free_port() -> int:
