@@ -149,14 +149,16 @@ def test_kernel_matches_reference(cpu_kernel, pattern, dtype, batch, inp_groups,
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("pattern", ["1:8", "2:4", "1:32", "2:6"])
+@pytest.mark.parametrize("pattern", ["1:8", "2:4", "1:16", "2:8", "1:32", "2:6"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 3, 17])
 def test_kernel_wide_input(cpu_kernel, pattern, dtype, batch):
-    """in = 1000 * M (long rows, many index chunks), out not a multiple of the 16-row block."""
+    """in = 1000 * M (long rows, many index chunks, a vector tail), out not a multiple of the 16-row
+    block; every path (auto, GEMV with permutes or gathers, batched)."""
     p, packed, x, b = _case(pattern, dtype, (batch,), 1000, 19, batch, True)
     for bits, idx in ((packed.index_bits, packed.indices), (8, packed.positions())):
-        _assert_matches_fp64(cpu_kernel.nm_linear(x, packed.values, idx, b, p.n, p.m, bits), x, packed, b)
+        for path in (0, 1, 2):
+            _assert_matches_fp64(cpu_kernel.nm_linear(x, packed.values, idx, b, p.n, p.m, bits, path), x, packed, b)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -230,4 +232,48 @@ def test_no_compiler_falls_back_to_the_reference_with_one_warning(tmp_path):
     """)
     env = {**os.environ, "CXX": "/bin/false", "NMFX_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+_ISA_ORDER = ["scalar", "avx2", "avx512", "avx512bf16"]
+_LESSER_ISAS = _ISA_ORDER[: _ISA_ORDER.index(cpu.isa())]
+
+
+@pytest.mark.parametrize("isa", _LESSER_ISAS or [pytest.param("none", marks=pytest.mark.skip(reason="host has no lesser ISA"))])
+def test_lesser_isa_builds_match_the_reference(isa):
+    """The builds other machines get (AVX-512 without BF16, AVX2, scalar; forced with NMFX_CPU_ISA, in
+    a subprocess) compute the same results: every path, patterns inside and outside the permute
+    paths, a vector tail (K = 37 N), every dtype."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch, torch.nn.functional as F
+        from nmfx.kernels import cpu
+        from nmfx.packed import pack_nm
+        from nmfx.pattern import Pattern
+        assert cpu.isa() == ISA and cpu.available(), cpu.build_error()
+        eps = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+        g = torch.Generator().manual_seed(0)
+        for pattern in ("1:8", "2:4", "1:16", "2:32", "1:32", "3:8"):
+            p = Pattern.parse(pattern)
+            for dtype in eps:
+                w, bias = torch.randn(21, 37 * p.m, generator=g).to(dtype), torch.randn(21, generator=g).to(dtype)
+                packed = pack_nm(w, p)
+                exact_w = packed.unpack().double()
+                for batch in (1, 2, 5, 17):
+                    x = torch.randn(batch, 37 * p.m, generator=g).to(dtype)
+                    exact = F.linear(x.double(), exact_w, bias.double())
+                    scale = F.linear(x.double().abs(), exact_w.abs(), bias.double().abs())
+                    tol = (2 * eps[dtype] + packed.kept_per_row * 2.0**-23) * scale + 1e-30
+                    for path in (0, 1, 2):
+                        y = cpu.nm_linear(x, packed.values, packed.indices, bias, p.n, p.m, packed.index_bits, path)
+                        err = (y.double() - exact).abs()
+                        assert bool((err <= tol).all()), (pattern, dtype, batch, path, err.max().item())
+        print("ok")
+    """).replace("ISA", repr(isa))
+    env = {**os.environ, "NMFX_CPU_ISA": isa}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0 and "ok" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]

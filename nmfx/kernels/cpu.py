@@ -4,11 +4,11 @@
 nmfx's packed format (see :mod:`nmfx.packed`); ``available()`` says whether the kernel could be built.
 
 Build: ``torch.utils.cpp_extension.load`` compiles ``nm_linear_cpu.cpp`` once, with ``-O3`` and explicit
-ISA flags for the host's best supported instruction set (``avx512``: F/BW/VL/DQ; ``avx2``: AVX2+FMA+F16C;
-``scalar`` otherwise), chosen at runtime from ``/proc/cpuinfo`` (or torch's CPU capability). The build
-is cached in ``$NMFX_CACHE_DIR`` (default ``~/.cache/nmfx``) under a directory keyed by the torch
+ISA flags for the host's best supported instruction set (``avx512bf16``: ``avx512`` plus AVX512-BF16
+dot products; ``avx512``: F/BW/VL/DQ; ``avx2``: AVX2+FMA+F16C; ``scalar`` otherwise), chosen at runtime
+from ``/proc/cpuinfo`` (or torch's CPU capability). The build is cached in ``$NMFX_CACHE_DIR`` (default ``~/.cache/nmfx``) under a directory keyed by the torch
 version, the ISA and a hash of the source and flags, so machines sharing a home directory but not an
-ISA never load each other's binaries. ``NMFX_CPU_ISA=avx2|scalar`` forces a lesser ISA (for testing).
+ISA never load each other's binaries. ``NMFX_CPU_ISA=avx512|avx2|scalar`` forces a lesser ISA (for testing).
 
 If the build fails (no compiler, no ninja, ...), ``available()`` is False and :func:`load` warns once;
 :mod:`nmfx.inference_ops` then falls back to the plain-torch reference.
@@ -30,11 +30,13 @@ __all__ = ["available", "load", "isa", "nm_linear", "build_error", "cache_dir"]
 
 _SOURCE = Path(__file__).with_name("nm_linear_cpu.cpp")
 _ISA_FLAGS = {
+    "avx512bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "scalar": [],
 }
 _ISA_NEEDS = {
+    "avx512bf16": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx2", "fma", "f16c"},
     "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"},
     "avx2": {"avx2", "fma", "f16c"},
 }
@@ -62,7 +64,7 @@ def _detect_isa() -> str:
         return "scalar"
     flags = _cpu_flags()
     if flags:
-        for name in ("avx512", "avx2"):
+        for name in ("avx512bf16", "avx512", "avx2"):
             if _ISA_NEEDS[name] <= flags:
                 return name
         return "scalar"
@@ -74,7 +76,7 @@ def isa() -> str:
     """The instruction set the kernel is (or would be) built for on this machine."""
     forced = os.environ.get("NMFX_CPU_ISA", "").strip().lower()
     best = _detect_isa()
-    order = ["scalar", "avx2", "avx512"]
+    order = ["scalar", "avx2", "avx512", "avx512bf16"]
     if forced:
         if forced not in order:
             raise ValueError(f"NMFX_CPU_ISA must be one of {order}, got {forced!r}")

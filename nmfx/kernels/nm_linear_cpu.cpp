@@ -73,7 +73,13 @@ namespace nmfx_cpu {
 // Vector layer
 // ---------------------------------------------------------------------------------------------
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#if defined(__AVX512BF16__)
+#define NMFX_ISA "avx512bf16"
+#define NMFX_AVX512BF16 1
+#else
 #define NMFX_ISA "avx512"
+#endif
+#define NMFX_AVX512 1
 constexpr int VW = 16;
 // Rows per register tile for NV accumulator vectors per row (RB * NV <= 16 of 32 zmm).
 template <int NV> constexpr int rows_per_tile() { return NV <= 2 ? 8 : 4; }
@@ -226,7 +232,6 @@ template <typename T>
 static inline float to_f(T v) { return static_cast<float>(v); }
 
 constexpr int CH = 256;            // kept values decoded per chunk
-constexpr int kGemvMaxBatch = 1;   // B <= this: gather path; else batched (tuned, see "Measured")
 constexpr int kMaxNV = 4;          // widest batch tile, in vectors
 constexpr int RG = 16;             // output rows per write-back group in the batched path
 
@@ -306,9 +311,222 @@ static void gemv_rows(const Problem& P, const Decoder& D, const float* xf, const
   }
 }
 
+#if defined(NMFX_AVX512)
+// ---------------------------------------------------------------------------------------------
+// GEMV path without gathers (AVX-512). The 16 kept values k .. k+15 (k a multiple of 16, N | 16)
+// fill 16/N whole groups: their x-elements lie in the S = 16*M/N contiguous floats from
+// col0 = k/N*M (a multiple of S). When M divides 32 and M >= 2N, each group lies inside one
+// 32-float window of that span and window w serves the consecutive lanes [w*L, (w+1)*L),
+// L = 32*N/M. The 16 x-elements are then W = M/(2N) two-register permutes (vpermt2ps on the low
+// 5 bits of the column) of x rows that sit in L1, merged by lane masks: for 1:8, 8 loads +
+// 4 permutes + 3 blends per 16 values instead of one vgatherdps (~20 cycles on Zen 4).
+// ---------------------------------------------------------------------------------------------
+template <int W>
+static inline __m512 permute_gather(const float* span, __m512i cols) {
+  constexpr int L = 16 / W;
+  __m512 r = _mm512_permutex2var_ps(_mm512_loadu_ps(span), cols, _mm512_loadu_ps(span + 16));
+#pragma GCC unroll 8
+  for (int w = 1; w < W; ++w) {
+    const __m512 p = _mm512_permutex2var_ps(_mm512_loadu_ps(span + 32 * w), cols, _mm512_loadu_ps(span + 32 * w + 16));
+    r = _mm512_mask_mov_ps(r, static_cast<__mmask16>(((1u << L) - 1u) << (w * L)), p);
+  }
+  return r;
+}
+
+// Windows per 16 kept values for the permute path, or 0 when the pattern does not fit it.
+static inline int permute_windows(int n, int m) {
+  if (16 % n != 0 || 32 % m != 0 || m < 2 * n) return 0;
+  const int w = m / (2 * n);
+  return w <= 8 ? w : 0;
+}
+
+template <typename T, int NB, int W>
+static void gemv_rows_permute(const Problem& P, const Decoder& D, const float* xf, const T* vals,
+                              const uint8_t* idx, const T* bias, int64_t o0, int64_t o1, T* y, int64_t ldy) {
+  const int32_t* colbase = P.colbase.data();
+  const int64_t span = 16 * P.m / P.n;
+  for (int64_t o = o0; o < o1; ++o) {
+    const T* vrow = vals + o * P.K;
+    const uint8_t* irow = idx + o * P.row_bytes;
+    const int64_t avail = (P.out - o) * P.row_bytes;
+    __m512 acc[NB];
+    float tail[NB];
+    for (int b = 0; b < NB; ++b) { acc[b] = _mm512_setzero_ps(); tail[b] = 0.f; }
+    int64_t k = 0;
+    const float* xs = xf;
+    for (; k + 16 <= P.K; k += 16, xs += span) {
+      const __m512i cols = _mm512_add_epi32(D.positions(irow, avail, k), _mm512_loadu_si512(colbase + k));
+      const __m512 w = vcvt(vrow + k);
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) acc[b] = _mm512_fmadd_ps(w, permute_gather<W>(xs + b * P.in, cols), acc[b]);
+    }
+    for (; k < P.K; ++k) {
+      const int32_t c = colbase[k] + position_scalar(irow, avail, P.bits, k);
+      const float w = to_f(vrow[k]);
+      for (int b = 0; b < NB; ++b) tail[b] += w * xf[b * P.in + c];
+    }
+    const float bv = bias ? to_f(bias[o]) : 0.f;
+    for (int b = 0; b < NB; ++b) y[b * ldy + o] = static_cast<T>(_mm512_reduce_add_ps(acc[b]) + tail[b] + bv);
+  }
+}
+#endif
+
+#if defined(NMFX_AVX512BF16)
+// ---------------------------------------------------------------------------------------------
+// bf16 GEMV with native dot products (AVX512-BF16): the permute path above on 16-bit lanes. 32 kept
+// values k .. k+31 at a time: their bf16 x-elements come from W = M/(2N) 64-element windows by
+// vpermt2w (low 6 bits of the column), and vdpbf16ps multiplies them with the 32 bf16 values as
+// loaded (adjacent pairs summed into 16 fp32 lanes; products are exact, the sum fp32). Nothing is
+// widened, so per value this is half the fp32 permute path's work and reads half its bytes.
+// Positions of 32 values at b <= 4 bits fit in 16 bytes: pshufb the two bytes covering each value
+// into its 16-bit lane, vpsrlvw by the bit offset, mask. The window offset of lane j,
+// (j / N * M) & 63, is the same for every k.
+// ---------------------------------------------------------------------------------------------
+struct Decoder16 {
+  int bits;
+  __m512i ctl, shift, mask, offset;
+  Decoder16(int b, int n, int m) : bits(b) {
+    alignas(64) int8_t c[64];
+    alignas(64) int16_t sh[32], off[32];
+    for (int j = 0; j < 32; ++j) {
+      const int bo = j * (b == 8 ? 8 : b);
+      const int lo = bo >> 3, hi = lo + 1;
+      c[2 * j] = static_cast<int8_t>(lo);
+      c[2 * j + 1] = static_cast<int8_t>(hi < 16 ? hi : 0x80);  // a byte past 16 is never needed
+      sh[j] = static_cast<int16_t>(bo & 7);
+      off[j] = static_cast<int16_t>((j / n * m) & 63);
+    }
+    ctl = _mm512_load_si512(c);
+    shift = _mm512_load_si512(sh);
+    mask = _mm512_set1_epi16(static_cast<int16_t>(b >= 8 ? 0xff : (1 << b) - 1));
+    offset = _mm512_load_si512(off);
+  }
+  static bool fits(int b) { return b <= 4 || b == 8; }
+  // Window-relative columns of kept values k .. k+31 (k a multiple of 32) as 16-bit lanes.
+  inline __m512i columns(const uint8_t* row, int64_t avail, int64_t k) const {
+    __m512i pos;
+    if (bits == 8) {
+      pos = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
+    } else {
+      const int64_t byte0 = k / 8 * bits;
+      __m128i src;
+      if (byte0 + 16 <= avail) {
+        src = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + byte0));
+      } else {
+        alignas(16) uint8_t tmp[16] = {0};
+        std::memcpy(tmp, row + byte0, static_cast<size_t>(std::min<int64_t>(16, avail - byte0)));
+        src = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+      }
+      const __m512i w = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(src), ctl);
+      pos = _mm512_and_si512(_mm512_srlv_epi16(w, shift), mask);
+    }
+    return _mm512_add_epi16(pos, offset);
+  }
+};
+
+template <int W>
+static inline __m512i permute_gather16(const c10::BFloat16* span, __m512i cols) {
+  constexpr int L = 32 / W;
+  __m512i r = _mm512_permutex2var_epi16(_mm512_loadu_si512(span), cols, _mm512_loadu_si512(span + 32));
+#pragma GCC unroll 8
+  for (int w = 1; w < W; ++w) {
+    const __m512i p = _mm512_permutex2var_epi16(_mm512_loadu_si512(span + 64 * w), cols,
+                                                _mm512_loadu_si512(span + 64 * w + 32));
+    r = _mm512_mask_mov_epi16(r, static_cast<__mmask32>(((uint64_t(1) << L) - 1u) << (w * L)), p);
+  }
+  return r;
+}
+
+template <int NB, int W>
+static void gemv_rows_bf16dp(const Problem& P, const c10::BFloat16* x, const c10::BFloat16* vals,
+                             const uint8_t* idx, const c10::BFloat16* bias, int64_t o0, int64_t o1,
+                             c10::BFloat16* y, int64_t ldy) {
+  const Decoder16 D(P.bits, P.n, P.m);
+  const int32_t* colbase = P.colbase.data();
+  const int64_t span = 32 * P.m / P.n;
+  for (int64_t o = o0; o < o1; ++o) {
+    const c10::BFloat16* vrow = vals + o * P.K;
+    const uint8_t* irow = idx + o * P.row_bytes;
+    const int64_t avail = (P.out - o) * P.row_bytes;
+    __m512 acc[NB];
+    float tail[NB];
+    for (int b = 0; b < NB; ++b) { acc[b] = _mm512_setzero_ps(); tail[b] = 0.f; }
+    int64_t k = 0;
+    const c10::BFloat16* xs = x;
+    for (; k + 32 <= P.K; k += 32, xs += span) {
+      const __m512i cols = D.columns(irow, avail, k);
+      const __m512bh w = (__m512bh)_mm512_loadu_si512(vrow + k);
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b)
+        acc[b] = _mm512_dpbf16_ps(acc[b], w, (__m512bh)permute_gather16<W>(xs + b * P.in, cols));
+    }
+    for (; k < P.K; ++k) {
+      const int32_t c = colbase[k] + position_scalar(irow, avail, P.bits, k);
+      const float w = to_f(vrow[k]);
+      for (int b = 0; b < NB; ++b) tail[b] += w * to_f(x[b * P.in + c]);
+    }
+    const float bv = bias ? to_f(bias[o]) : 0.f;
+    for (int b = 0; b < NB; ++b)
+      y[b * ldy + o] = static_cast<c10::BFloat16>(_mm512_reduce_add_ps(acc[b]) + tail[b] + bv);
+  }
+}
+
+// The bf16 dot-product GEMV for this pattern and index width, if it applies.
+static inline bool bf16dp_applies(const Problem& P) {
+  return permute_windows(P.n, P.m) > 0 && Decoder16::fits(P.bits);
+}
+
+template <int NB>
+static void gemv_block_bf16dp(const Problem& P, const c10::BFloat16* x, const c10::BFloat16* vals,
+                              const uint8_t* idx, const c10::BFloat16* bias, int64_t o0, int64_t o1,
+                              c10::BFloat16* y, int64_t ldy) {
+  switch (permute_windows(P.n, P.m)) {
+    case 1: return gemv_rows_bf16dp<NB, 1>(P, x, vals, idx, bias, o0, o1, y, ldy);
+    case 2: return gemv_rows_bf16dp<NB, 2>(P, x, vals, idx, bias, o0, o1, y, ldy);
+    case 4: return gemv_rows_bf16dp<NB, 4>(P, x, vals, idx, bias, o0, o1, y, ldy);
+    default: return gemv_rows_bf16dp<NB, 8>(P, x, vals, idx, bias, o0, o1, y, ldy);
+  }
+}
+#endif
+
+// Rows [o0, o1) for NB batch rows: the permute path where the pattern fits it, else gathers.
+template <typename T, int NB>
+static void gemv_block(const Problem& P, const Decoder& D, const float* xf, const T* vals, const uint8_t* idx,
+                       const T* bias, int64_t o0, int64_t o1, T* y, int64_t ldy) {
+#if defined(NMFX_AVX512)
+  switch (permute_windows(P.n, P.m)) {
+    case 1: return gemv_rows_permute<T, NB, 1>(P, D, xf, vals, idx, bias, o0, o1, y, ldy);
+    case 2: return gemv_rows_permute<T, NB, 2>(P, D, xf, vals, idx, bias, o0, o1, y, ldy);
+    case 4: return gemv_rows_permute<T, NB, 4>(P, D, xf, vals, idx, bias, o0, o1, y, ldy);
+    case 8: return gemv_rows_permute<T, NB, 8>(P, D, xf, vals, idx, bias, o0, o1, y, ldy);
+    default: break;
+  }
+#endif
+  gemv_rows<T, NB>(P, D, xf, vals, idx, bias, o0, o1, y, ldy);
+}
+
 template <typename T>
 static void run_gemv(const Problem& P, const T* x, const T* vals, const uint8_t* idx, const T* bias, T* y) {
-  // x as fp32 rows (a copy only for bf16/fp16; B <= kGemvMaxBatch so it is small).
+#if defined(NMFX_AVX512BF16)
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    if (bf16dp_applies(P)) {
+      at::parallel_for(0, P.out, 16, [&](int64_t o0, int64_t o1) {
+        for (int64_t b0 = 0; b0 < P.B; b0 += 4) {
+          const T* xb = x + b0 * P.in;
+          T* yb = y + b0 * P.out;
+          switch (std::min<int64_t>(4, P.B - b0)) {
+            case 1: gemv_block_bf16dp<1>(P, xb, vals, idx, bias, o0, o1, yb, P.out); break;
+            case 2: gemv_block_bf16dp<2>(P, xb, vals, idx, bias, o0, o1, yb, P.out); break;
+            case 3: gemv_block_bf16dp<3>(P, xb, vals, idx, bias, o0, o1, yb, P.out); break;
+            default: gemv_block_bf16dp<4>(P, xb, vals, idx, bias, o0, o1, yb, P.out); break;
+          }
+        }
+      });
+      return;
+    }
+  }
+#endif
+  // x as fp32 rows (a copy only for bf16/fp16; B <= gemv_max_batch() so it is small).
   std::vector<float> xbuf;
   const float* xf;
   if constexpr (std::is_same<T, float>::value) {
@@ -324,10 +542,10 @@ static void run_gemv(const Problem& P, const T* x, const T* vals, const uint8_t*
       const float* xb = xf + b0 * P.in;
       T* yb = y + b0 * P.out;
       switch (std::min<int64_t>(4, P.B - b0)) {
-        case 1: gemv_rows<T, 1>(P, D, xb, vals, idx, bias, o0, o1, yb, P.out); break;
-        case 2: gemv_rows<T, 2>(P, D, xb, vals, idx, bias, o0, o1, yb, P.out); break;
-        case 3: gemv_rows<T, 3>(P, D, xb, vals, idx, bias, o0, o1, yb, P.out); break;
-        default: gemv_rows<T, 4>(P, D, xb, vals, idx, bias, o0, o1, yb, P.out); break;
+        case 1: gemv_block<T, 1>(P, D, xb, vals, idx, bias, o0, o1, yb, P.out); break;
+        case 2: gemv_block<T, 2>(P, D, xb, vals, idx, bias, o0, o1, yb, P.out); break;
+        case 3: gemv_block<T, 3>(P, D, xb, vals, idx, bias, o0, o1, yb, P.out); break;
+        default: gemv_block<T, 4>(P, D, xb, vals, idx, bias, o0, o1, yb, P.out); break;
       }
     }
   });
@@ -417,10 +635,22 @@ static void run_batched(const Problem& P, const T* x, const T* vals, const uint8
   });
 }
 
+// Largest batch the GEMV path takes (beyond it the batched path wins; see "Measured").
+template <typename T>
+static int64_t gemv_max_batch(const Problem& P) {
+#if defined(NMFX_AVX512BF16)
+  if (std::is_same<T, c10::BFloat16>::value && bf16dp_applies(P)) return permute_windows(P.n, P.m) == 1 ? 16 : 8;
+#endif
+#if defined(NMFX_AVX512)
+  if (const int w = permute_windows(P.n, P.m)) return w == 1 ? 4 : 2;
+#endif
+  return 1;
+}
+
 template <typename T>
 static void dispatch(const Problem& P, const T* x, const T* vals, const uint8_t* idx, const T* bias, T* y,
                      int64_t path) {
-  const bool gemv = path == 1 || (path == 0 && P.B <= kGemvMaxBatch);
+  const bool gemv = path == 1 || (path == 0 && P.B <= gemv_max_batch<T>(P));
   if (gemv) return run_gemv<T>(P, x, vals, idx, bias, y);
   // Batch-tile width: the fewest vectors that cover B (padding waste), at most kMaxNV.
   int64_t nv = std::min<int64_t>(kMaxNV, (P.B + VW - 1) / VW);
