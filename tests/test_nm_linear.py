@@ -151,7 +151,7 @@ def test_kernel_matches_reference(cpu_kernel, pattern, dtype, batch, inp_groups,
 
 @pytest.mark.parametrize("pattern", ["1:8", "2:4", "1:16", "2:8", "1:32", "2:6"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch", [1, 3, 17])
+@pytest.mark.parametrize("batch", [1, 3, 17, 40])
 def test_kernel_wide_input(cpu_kernel, pattern, dtype, batch):
     """in = 1000 * M (long rows, many index chunks, a vector tail), out not a multiple of the 16-row
     block; every path (auto, GEMV with permutes or gathers, batched)."""

@@ -635,11 +635,186 @@ static void run_batched(const Problem& P, const T* x, const T* vals, const uint8
   });
 }
 
+#if defined(NMFX_AVX512BF16)
+// ---------------------------------------------------------------------------------------------
+// bf16 batched path with native dot products. x is packed as bf16 batch tiles xT[t][c][0:BT]
+// (BT = 32*NV lanes; half the bytes of the fp32 tiles, so half the L2->L1 traffic that bounds the
+// fp32 path). Kept values are taken in pairs (k, k+1) of a row: the pair's two bf16 weights are one
+// dword, broadcast; the two xT rows c_k, c_{k+1} are interleaved by vpunpck{l,h}wd into (x_k, x_k+1)
+// pairs per batch lane, and vdpbf16ps adds w_k x_k + w_k+1 x_k+1 into fp32 lanes. Per pair and 32
+// lanes: 2 loads, 2 unpacks, 1 broadcast, 2 dot products (fp32: 4 loads, 2 broadcasts, 4 FMAs).
+// unpacklo holds lanes 8q+0..3 of each 128-bit block q, unpackhi lanes 8q+4..7 (undone on store).
+// ---------------------------------------------------------------------------------------------
+// 16 batch lanes: the two xT rows of a pair are 16 bf16 each, so one vpermt2w interleaves them in
+// natural lane order and one vdpbf16ps consumes the pair (per pair: 2 loads, 1 permute, 1 broadcast,
+// 1 dot product).
+template <int R>
+static inline void tile_rows_bf16dp_16(const Problem& P, const Decoder& D, const c10::BFloat16* vals,
+                                       const uint8_t* idx, int64_t avail, const c10::BFloat16* xt, float* out) {
+  alignas(64) int32_t ob[R][CH];
+  alignas(64) c10::BFloat16 vb[R][CH];  // the chunk's values: rows K apart can alias in L1 (K = 2048: 4 KiB)
+  alignas(64) int16_t il[32];
+  for (int j = 0; j < 16; ++j) { il[2 * j] = static_cast<int16_t>(j); il[2 * j + 1] = static_cast<int16_t>(32 + j); }
+  const __m512i interleave = _mm512_load_si512(il);
+  __m512 acc[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < P.K; k0 += CH) {
+    const int cnt = static_cast<int>(std::min<int64_t>(CH, P.K - k0));
+    for (int r = 0; r < R; ++r) {
+      decode_cols(D, idx + r * P.row_bytes, avail - r * P.row_bytes, P.colbase.data(), k0, cnt, 16, ob[r]);
+      std::memcpy(vb[r], vals + r * P.K + k0, static_cast<size_t>(cnt) * 2);
+    }
+    int i = 0;
+    for (; i + 2 <= cnt; i += 2) {
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, vb[r] + i, 4);
+        const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + ob[r][i])));
+        const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + ob[r][i + 1])));
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_permutex2var_epi16(a, interleave, b),
+                                  (__m512bh)_mm512_set1_epi32(pair));
+      }
+    }
+    if (i < cnt) {  // an odd last value (K odd): pair it with a zero weight and zero x
+      for (int r = 0; r < R; ++r) {
+        uint16_t bits;
+        std::memcpy(&bits, vb[r] + i, 2);
+        const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + ob[r][i])));
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_permutex2var_epi16(a, interleave, _mm512_setzero_si512()),
+                                  (__m512bh)_mm512_set1_epi32(bits));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * 16, acc[r]);
+}
+
+template <int R, int NV>
+static inline void tile_rows_bf16dp_wide(const Problem& P, const Decoder& D, const c10::BFloat16* vals,
+                                         const uint8_t* idx, int64_t avail, const c10::BFloat16* xt, float* out) {
+  constexpr int BT = NV * 32;
+  alignas(64) int32_t ob[R][CH];
+  alignas(64) c10::BFloat16 vb[R][CH];  // the chunk's values (see tile_rows_bf16dp_16)
+  __m512 lo[R][NV], hi[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) lo[r][v] = hi[r][v] = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t k0 = 0; k0 < P.K; k0 += CH) {
+    const int cnt = static_cast<int>(std::min<int64_t>(CH, P.K - k0));
+    for (int r = 0; r < R; ++r) {
+      decode_cols(D, idx + r * P.row_bytes, avail - r * P.row_bytes, P.colbase.data(), k0, cnt, BT, ob[r]);
+      std::memcpy(vb[r], vals + r * P.K + k0, static_cast<size_t>(cnt) * 2);
+    }
+    int i = 0;
+    for (; i + 2 <= cnt; i += 2) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, vb[r] + i, 4);
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(pair);
+        const c10::BFloat16* p0 = xt + ob[r][i];
+        const c10::BFloat16* p1 = xt + ob[r][i + 1];
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) {
+          const __m512i a = _mm512_loadu_si512(p0 + 32 * v), b = _mm512_loadu_si512(p1 + 32 * v);
+          lo[r][v] = _mm512_dpbf16_ps(lo[r][v], (__m512bh)_mm512_unpacklo_epi16(a, b), w);
+          hi[r][v] = _mm512_dpbf16_ps(hi[r][v], (__m512bh)_mm512_unpackhi_epi16(a, b), w);
+        }
+      }
+    }
+    if (i < cnt) {  // an odd last value (K odd): pair it with a zero weight and zero x
+      for (int r = 0; r < R; ++r) {
+        uint16_t bits;
+        std::memcpy(&bits, vb[r] + i, 2);
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(bits);
+        const c10::BFloat16* p0 = xt + ob[r][i];
+        for (int v = 0; v < NV; ++v) {
+          const __m512i a = _mm512_loadu_si512(p0 + 32 * v);
+          lo[r][v] = _mm512_dpbf16_ps(lo[r][v], (__m512bh)_mm512_unpacklo_epi16(a, zero), w);
+          hi[r][v] = _mm512_dpbf16_ps(hi[r][v], (__m512bh)_mm512_unpackhi_epi16(a, zero), w);
+        }
+      }
+    }
+  }
+  // Batch lane j of a 32-lane vector: block q = j / 8; j % 8 < 4 -> lo[4q + j % 8], else hi[4q + j % 8 - 4].
+  alignas(64) int32_t ia[16], ib[16];
+  for (int j = 0; j < 16; ++j) {
+    const int q0 = j / 8, q1 = 2 + j / 8, e = j % 8;
+    ia[j] = e < 4 ? 4 * q0 + e : 16 + 4 * q0 + e - 4;
+    ib[j] = e < 4 ? 4 * q1 + e : 16 + 4 * q1 + e - 4;
+  }
+  const __m512i ka = _mm512_load_si512(ia), kb = _mm512_load_si512(ib);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) {
+      _mm512_storeu_ps(out + r * BT + 32 * v, _mm512_permutex2var_ps(lo[r][v], ka, hi[r][v]));
+      _mm512_storeu_ps(out + r * BT + 32 * v + 16, _mm512_permutex2var_ps(lo[r][v], kb, hi[r][v]));
+    }
+}
+
+// R rows against a BT-lane xT tile (BT = 16, 32 or 64).
+template <int R, int BT>
+static inline void tile_rows_bf16dp(const Problem& P, const Decoder& D, const c10::BFloat16* vals,
+                                    const uint8_t* idx, int64_t avail, const c10::BFloat16* xt, float* out) {
+  if constexpr (BT == 16)
+    tile_rows_bf16dp_16<R>(P, D, vals, idx, avail, xt, out);
+  else
+    tile_rows_bf16dp_wide<R, BT / 32>(P, D, vals, idx, avail, xt, out);
+}
+
+template <int BT>
+static void run_batched_bf16dp(const Problem& P, const c10::BFloat16* x, const c10::BFloat16* vals,
+                               const uint8_t* idx, const c10::BFloat16* bias, c10::BFloat16* y) {
+  constexpr int RB = BT == 16 ? 16 : BT == 32 ? 8 : 4;
+  const int64_t ntiles = (P.B + BT - 1) / BT;
+  at::Tensor xT_t = at::empty({ntiles * P.in * BT}, at::TensorOptions().dtype(at::kBFloat16));
+  c10::BFloat16* xT = xT_t.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, P.in, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t lanes = std::min<int64_t>(BT, P.B - t * BT);
+      for (int64_t c = c0; c < c1; ++c) {
+        c10::BFloat16* d = xT + (t * P.in + c) * BT;
+        for (int64_t l = 0; l < lanes; ++l) d[l] = x[(t * BT + l) * P.in + c];
+        for (int64_t l = lanes; l < BT; ++l) d[l] = c10::BFloat16(0.f);
+      }
+    }
+  });
+  const int64_t ngroups = (P.out + RG - 1) / RG;
+  const Decoder D(P.bits);
+  at::parallel_for(0, ngroups, 1, [&](int64_t g0, int64_t g1) {
+    alignas(64) float obuf[RG * BT];
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const c10::BFloat16* xt = xT + t * P.in * BT;
+      const int64_t lanes = std::min<int64_t>(BT, P.B - t * BT);
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t o0 = g * RG;
+        const int rows = static_cast<int>(std::min<int64_t>(RG, P.out - o0));
+        int r = 0;
+        for (; r + RB <= rows; r += RB)
+          tile_rows_bf16dp<RB, BT>(P, D, vals + (o0 + r) * P.K, idx + (o0 + r) * P.row_bytes,
+                                   (P.out - o0 - r) * P.row_bytes, xt, obuf + r * BT);
+        for (; r < rows; ++r)
+          tile_rows_bf16dp<1, BT>(P, D, vals + (o0 + r) * P.K, idx + (o0 + r) * P.row_bytes,
+                                  (P.out - o0 - r) * P.row_bytes, xt, obuf + r * BT);
+        float bv[RG];
+        for (int rr = 0; rr < rows; ++rr) bv[rr] = bias ? to_f(bias[o0 + rr]) : 0.f;
+        for (int64_t l = 0; l < lanes; ++l) {
+          c10::BFloat16* yrow = y + (t * BT + l) * P.out + o0;
+          for (int rr = 0; rr < rows; ++rr) yrow[rr] = static_cast<c10::BFloat16>(obuf[rr * BT + l] + bv[rr]);
+        }
+      }
+    }
+  });
+}
+#endif
+
 // Largest batch the GEMV path takes (beyond it the batched path wins; see "Measured").
 template <typename T>
 static int64_t gemv_max_batch(const Problem& P) {
 #if defined(NMFX_AVX512BF16)
-  if (std::is_same<T, c10::BFloat16>::value && bf16dp_applies(P)) return permute_windows(P.n, P.m) == 1 ? 16 : 8;
+  if (std::is_same<T, c10::BFloat16>::value && bf16dp_applies(P)) return 16 / permute_windows(P.n, P.m);
 #endif
 #if defined(NMFX_AVX512)
   if (const int w = permute_windows(P.n, P.m)) return w == 1 ? 4 : 2;
@@ -652,6 +827,17 @@ static void dispatch(const Problem& P, const T* x, const T* vals, const uint8_t*
                      int64_t path) {
   const bool gemv = path == 1 || (path == 0 && P.B <= gemv_max_batch<T>(P));
   if (gemv) return run_gemv<T>(P, x, vals, idx, bias, y);
+#if defined(NMFX_AVX512BF16)
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    if (path != 3) {  // path 3: the widening batched path below (benchmarking knob)
+      if (path == 30 || path == 31 || path == 32) return path == 30 ? run_batched_bf16dp<16>(P, x, vals, idx, bias, y)
+          : path == 31 ? run_batched_bf16dp<32>(P, x, vals, idx, bias, y) : run_batched_bf16dp<64>(P, x, vals, idx, bias, y);
+      if (P.B <= 16) return run_batched_bf16dp<16>(P, x, vals, idx, bias, y);
+      if (P.B <= 32) return run_batched_bf16dp<32>(P, x, vals, idx, bias, y);
+      return run_batched_bf16dp<64>(P, x, vals, idx, bias, y);
+    }
+  }
+#endif
   // Batch-tile width: the fewest vectors that cover B (padding waste), at most kMaxNV.
   int64_t nv = std::min<int64_t>(kMaxNV, (P.B + VW - 1) / VW);
   if (nv == 3) nv = 4;  // 4 rows x 3 vectors measured slower than one padded 4-vector tile
