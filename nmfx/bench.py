@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["machine_info", "describe", "wait_quiet", "timeit", "layer_rows", "format_layer_row", "LAYER_HEADER"]
+__all__ = ["machine_info", "describe", "wait_quiet", "timeit", "time_interleaved", "layer_rows", "format_layer_row", "LAYER_HEADER"]
 
 _SIMD_PREFIXES = ("avx", "fma", "f16c", "amx", "sse4")
 
@@ -85,8 +85,28 @@ def timeit(fn: Callable[[], object], min_reps: int = 5, max_reps: int = 30, budg
     return statistics.median(samples)
 
 
+def time_interleaved(fns: dict, min_reps: int = 5, max_reps: int = 30, budget_s: float = 1.0) -> dict:
+    """Median seconds of each ``fns[name]()``, the repetitions interleaved (a, b, c, a, b, c, ...) so a
+    noisy neighbour or a clock change hits every contender alike; reps sized so the slowest fits
+    ``budget_s``."""
+    slowest = 0.0
+    for fn in fns.values():
+        fn()
+        start = time.perf_counter()
+        fn()
+        slowest = max(slowest, time.perf_counter() - start)
+    reps = int(max(min_reps, min(max_reps, budget_s / max(slowest, 1e-6))))
+    samples: dict = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 LAYER_HEADER = (f"{'pattern':>7} {'dtype':>8} {'batch':>5} | {'dense ms':>9} {'csr ms':>9} {'nmfx ms':>9} | "
-                f"{'x dense':>7} {'x csr':>7}")
+                f"{'x dense':>7} {'x csr':>7} {'x fp32':>7}")
 
 
 def layer_rows(size: int, patterns: Sequence[str], batches: Sequence[int], dtypes: Sequence[str],
@@ -103,6 +123,8 @@ def layer_rows(size: int, patterns: Sequence[str], batches: Sequence[int], dtype
         dtype = getattr(torch, dtype_name)
         for pattern in patterns:
             packed = pack_nm(dense_w.to(dtype), pattern)
+            # The same kept weights in fp32, so a bf16/fp16 row also times the fp32 kernel in its run.
+            packed32 = pack_nm(packed.unpack().float(), pattern) if dtype != torch.float32 else None
             w = packed.unpack()
             try:
                 w_csr: Optional[torch.Tensor] = w.to_sparse_csr() if csr else None
@@ -113,22 +135,31 @@ def layer_rows(size: int, patterns: Sequence[str], batches: Sequence[int], dtype
                 x = torch.randn(batch, size).to(dtype)
                 run = lambda: nm_linear(x, packed.values, packed.indices, None, n, m, bits, backend)  # noqa: E731
                 error = (run().double() - F.linear(x.double(), w.double())).abs().max().item()
-                busy = wait_quiet(0.10, quiet_wait_s) if quiet_wait_s > 0 else None
-                t_nmfx = timeit(run, min_reps, max_reps, budget_s)
-                t_dense = timeit(lambda: F.linear(x, w), min_reps, max_reps, budget_s)
-                t_csr, note = None, None
+                contenders = {"nmfx": run, "dense": lambda: F.linear(x, w)}
+                if packed32 is not None:
+                    x32 = x.float()
+                    contenders["nmfx_fp32"] = lambda: nm_linear(x32, packed32.values, packed32.indices, None, n, m,
+                                                                bits, backend)
+                note = None
                 if w_csr is not None:
                     xt = x.t().contiguous()
                     try:
-                        t_csr = timeit(lambda: (w_csr @ xt).t(), min_reps, max_reps, budget_s)
+                        (w_csr @ xt).t()
+                        contenders["csr"] = lambda: (w_csr @ xt).t()
                     except RuntimeError as exc:  # bf16 CSR matmul is not implemented on the CPU
                         note = str(exc).splitlines()[0][:160]
-                row = {"pattern": pattern, "dtype": dtype_name, "batch": batch, "dense_ms": t_dense * 1e3,
-                       "csr_ms": None if t_csr is None else t_csr * 1e3, "nmfx_ms": t_nmfx * 1e3,
-                       "speedup_vs_dense": t_dense / t_nmfx,
-                       "speedup_vs_csr": None if t_csr is None else t_csr / t_nmfx,
+                busy = wait_quiet(0.10, quiet_wait_s) if quiet_wait_s > 0 else None
+                t = time_interleaved(contenders, min_reps, max_reps, budget_s * len(contenders))
+                t_csr = t.get("csr")
+                row = {"pattern": pattern, "dtype": dtype_name, "batch": batch, "dense_ms": t["dense"] * 1e3,
+                       "csr_ms": None if t_csr is None else t_csr * 1e3, "nmfx_ms": t["nmfx"] * 1e3,
+                       "speedup_vs_dense": t["dense"] / t["nmfx"],
+                       "speedup_vs_csr": None if t_csr is None else t_csr / t["nmfx"],
                        "nmfx_max_abs_err_vs_fp64": error, "nmfx_weight_bytes": packed.nbytes,
                        "dense_weight_bytes": w.numel() * w.element_size(), "cpu_busy_before": busy}
+                if "nmfx_fp32" in t:
+                    row["nmfx_fp32_ms"] = t["nmfx_fp32"] * 1e3
+                    row["speedup_vs_nmfx_fp32"] = t["nmfx_fp32"] / t["nmfx"]
                 if note:
                     row["csr_note"] = note
                 yield row
@@ -137,5 +168,6 @@ def layer_rows(size: int, patterns: Sequence[str], batches: Sequence[int], dtype
 def format_layer_row(row: dict) -> str:
     csr_ms = f"{row['csr_ms']:9.3f}" if row["csr_ms"] is not None else f"{'n/a':>9}"
     x_csr = f"{row['speedup_vs_csr']:6.2f}x" if row["speedup_vs_csr"] is not None else f"{'n/a':>7}"
+    vs32 = f"{row['speedup_vs_nmfx_fp32']:6.2f}x" if "speedup_vs_nmfx_fp32" in row else f"{'':>7}"
     return (f"{row['pattern']:>7} {row['dtype']:>8} {row['batch']:>5} | {row['dense_ms']:9.3f} {csr_ms} "
-            f"{row['nmfx_ms']:9.3f} | {row['speedup_vs_dense']:6.2f}x {x_csr}")
+            f"{row['nmfx_ms']:9.3f} | {row['speedup_vs_dense']:6.2f}x {x_csr} {vs32}")

@@ -280,6 +280,21 @@ struct Problem {
   std::vector<int32_t> colbase;
 };
 
+// Ask for row `o + ahead`'s values and index bytes now. The bf16 dot-product GEMV streams weights
+// from DRAM with little work per byte, and a few rows of prefetch keep more requests in flight than
+// the hardware prefetcher does (4096x4096 1:8 after a cache flush: 0.33 -> 0.2-0.25 ms). The fp32
+// paths do more work per byte and measured no gain (slightly slower), so they do not prefetch.
+template <typename T>
+static inline void prefetch_row(const Problem& P, const T* vals, const uint8_t* idx, int64_t o, int64_t o1) {
+  constexpr int64_t ahead = 4;
+  if (o + ahead >= o1) return;
+  const char* v = reinterpret_cast<const char*>(vals + (o + ahead) * P.K);
+  for (int64_t b = 0; b < P.K * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(v + b);
+  const uint8_t* i = idx + (o + ahead) * P.row_bytes;
+  for (int64_t b = 0; b < P.row_bytes; b += 64) __builtin_prefetch(i + b);
+}
+
+
 // ---------------------------------------------------------------------------------------------
 // GEMV path: NB (<= 4) batch rows of fp32 x, rows [o0, o1) of W.
 // ---------------------------------------------------------------------------------------------
@@ -445,6 +460,7 @@ static void gemv_rows_bf16dp(const Problem& P, const c10::BFloat16* x, const c10
   const int32_t* colbase = P.colbase.data();
   const int64_t span = 32 * P.m / P.n;
   for (int64_t o = o0; o < o1; ++o) {
+    prefetch_row(P, vals, idx, o, o1);
     const c10::BFloat16* vrow = vals + o * P.K;
     const uint8_t* irow = idx + o * P.row_bytes;
     const int64_t avail = (P.out - o) * P.row_bytes;
