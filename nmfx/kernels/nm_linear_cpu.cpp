@@ -10,21 +10,29 @@
 // Column of kept value k:  colbase[k] + position,  colbase[k] = (k / N) * M  (computed once per call).
 //
 // ISA: chosen at build time (nmfx/kernels/cpu.py detects the host and compiles with explicit flags,
-// caching one build per torch version + ISA): AVX-512 (F/BW/VL/DQ, 16 lanes), AVX2+FMA (8 lanes), or
-// portable scalar C++. All three share the code below through the tiny vector layer `V*`.
-// Accumulation is always fp32; bf16/fp16 are widened to fp32 in registers, rounded once on store.
+// caching one build per torch version + ISA): AVX-512 (F/BW/VL/DQ, 16 lanes) with or without
+// AVX512-BF16, AVX2+FMA (8 lanes), or portable scalar C++. The common code goes through the tiny
+// vector layer `V*`; the AVX-512 and AVX512-BF16 paths below use intrinsics directly.
+// Accumulation is always fp32; products are exact for bf16 dot products, and bf16/fp16 are otherwise
+// widened to fp32 in registers; results are rounded once on store.
 //
-// Two algorithms, picked by batch size:
-//  * GEMV path (B == 1; path=1 forces it for any B): per output row, for VW kept values at a time:
-//    decode VW columns into a vector, load + widen VW values, gather VW x-elements (vgatherdps), FMA;
-//    up to 4 batch rows share each decoded index/value vector. The weights are read once.
-//  * Batched path: x is packed once into batch tiles xT[tile][in][BT] (fp32, BT = NV*VW lanes,
-//    zero-padded). For each output row and kept value (w, c):  acc[0:BT] += w * xT[c, 0:BT]  -- a
-//    broadcast FMA against contiguous batch lanes, no gather. Register tile: RB rows x NV vectors
-//    (AVX-512: 8 x 1, 8 x 2 or 4 x 4 zmm accumulators, i.e. up to 4 outputs x 64 batch lanes). Each thread owns a range of 16-row
-//    output groups and sweeps them once per batch tile, so the xT tile (in*BT*4 bytes, 1 MiB at
-//    in=4096/BT=64) stays in L2 and the weights stream from L3 once per tile. Results go through a
-//    16 x BT local buffer and are written transposed as contiguous 16-float pieces of y rows.
+// Paths, picked by dtype, pattern and batch (gemv_max_batch):
+//  * GEMV (small B; path=1 forces it): per output row, 16 kept values at a time; up to 4 batch rows
+//    share each decoded index/value vector, and the weights are read once.
+//     - permute (AVX-512, patterns with M | 32, M >= 2N, N | 16): the x-elements of 16 kept values
+//       come from M/(2N) vpermt2ps over 32-float windows of x in L1 (see gemv_rows_permute);
+//     - bf16 dot product (AVX512-BF16, same patterns, index bits <= 4): 32 values at a time, bf16 x
+//       permuted with vpermt2w, multiplied by vdpbf16ps, 4 rows of weights prefetched ahead;
+//     - gather otherwise (AVX2, 1:32, 3:8, ...): vgatherdps on fp32 x.
+//  * Batched: x is packed once into zero-padded batch tiles xT[tile][in][BT]. For each output row
+//    and kept value (w, c): acc[0:BT] += w * xT[c, 0:BT], a broadcast multiply-add against
+//    contiguous batch lanes, no gather. fp32 tiles (fp32, fp16, bf16 without AVX512-BF16): register
+//    tile of RB rows x NV vectors (AVX-512: 8 x 1, 8 x 2 or 4 x 4 zmm). bf16 tiles (AVX512-BF16):
+//    kept values in pairs, the pair's x rows interleaved per lane for vdpbf16ps (BT = 16, 32, 64).
+//    Each thread owns a range of 16-row output groups and sweeps them once per batch tile, so the
+//    xT tile (in*BT*4 bytes fp32, 1 MiB at in=4096/BT=64; half that in bf16) stays in L2 and the
+//    weights stream once per tile. Results go through a 16 x BT local buffer and are written
+//    transposed as contiguous pieces of y rows.
 //
 // Index decode: positions come either one per byte (vpmovzxbd) or bit-packed (b = 1..5 bits): for VW
 // values starting at a multiple of 8, load the 2b (AVX-512) / b (AVX2) bytes holding them, broadcast
@@ -32,26 +40,22 @@
 // offset, mask. ~5 instructions per 16 positions; the bit-packed layout costs about the same as bytes
 // and reads 3/8 (1:8) of their bytes, so the stored format is what the kernel reads (no decode cache).
 //
-// Measured (AMD EPYC Zen 4, 2.6 GHz, 2 threads, 4096 x 4096, 1:8; dense F.linear fp32: 3.0 ms at B=1,
-// 6.0 ms at 8, 15.4 ms at 64, 48-50 ms at 256; see benchmarks/bench_inference.py):
-//  * B = 1, gather path: 0.42-0.52 ms fp32 (6-7.6x dense), bf16 about the same. Compute-bound on
-//    vgatherdps (~22 cycles per 16-lane gather on Zen 4, ~1.3 cycles per kept value per core); the
-//    memory floor (8.75 MB of values + 3-bit indices at the ~21 GB/s these 2 cores stream) is 0.42 ms,
-//    so both limits are close. Dense F.linear is DRAM-bound (64 MB at ~21 GB/s). Using the gather path
-//    for B = 2..4 was slower than one 16-lane batch tile (gathers are not shared between batch rows).
-//  * B = 2..16 (one 16-lane tile, 8 rows x 1 zmm): ~0.8 ms, flat in B: bound by per-kept-value work
-//    (offset load, broadcast, address, 1 FMA; plus 1/16 of a decode) rather than by FMAs.
-//  * B >= 32 (tiles of 64 lanes, 4 rows x 4 zmm): ~36-40 GFLOP/s per core of useful FMAs (~0.45 zmm
-//    FMA/cycle, peak is 1): bound by L1 refills from L2. Each broadcast-FMA needs a fresh 64-byte line
-//    of xT (kept columns are scattered, the xT tile is 256 KB-1 MB), and Zen 4 sustains about half a
-//    line per cycle from L2. Tried and reverted: K-blocking so an x block stays in L1 (accumulators
-//    spilled to an L2 buffer per block): 1.2-2x slower, because the weights are then read in short
-//    per-row slices and the accumulators round-trip. 1:8 still runs 3.4-4.8x faster than dense.
-//  * bf16: x is widened once into the fp32 xT tiles and values in 256-value chunks, so the batched
-//    path costs what fp32 costs; dense bf16 (oneDNN, avx512_bf16) is 2-3x faster than dense fp32, so
-//    the speedups over dense are smaller in bf16 although absolute times are equal.
+// Measured (AMD EPYC Zen 4, 2 threads, 4096 x 4096, 1:8; benchmarks/bench_inference.py; "hot" =
+// repeated calls with the packed weights in L3, "cold" = interleaved with dense/CSR, weights from DRAM):
+//  * B = 1: fp32 permute 0.41-0.45 ms hot, 0.6-0.85 ms cold (the gather path was 0.42-0.52 hot:
+//    ~22 cycles per 16-lane vgatherdps); dense F.linear fp32 3.0-3.5 ms (DRAM-bound, 64 MB).
+//    bf16 dot product 0.12 ms hot, 0.2-0.38 ms cold (4.75 MB of weights; 0.5 ms before, widening).
+//  * B = 2..16, fp32 (one 16-lane tile, 8 rows x 1 zmm): ~0.8 ms, flat in B: bound by per-kept-value
+//    work (offset load, broadcast, address, 1 FMA; plus 1/16 of a decode) rather than by FMAs.
+//    bf16: GEMV to B = 4 (0.39 ms), 16-lane pairs beyond (~0.6 ms at 8-16).
+//  * B >= 32, fp32 (tiles of 64 lanes, 4 rows x 4 zmm): ~36-40 GFLOP/s per core of useful FMAs: bound
+//    by L1 refills from L2 -- each broadcast-FMA needs a fresh 64-byte line of xT (kept columns are
+//    scattered), and Zen 4 sustains about half a line per cycle from L2. Tried and reverted:
+//    K-blocking so an x block stays in L1 (1.2-2x slower: short per-row weight slices, accumulators
+//    round-trip). bf16 pairs halve the xT bytes per value: 1.6-1.8x less time than fp32 at B >= 64.
 //  * Denser patterns (2:4, 1:4, 2:8) at large batch are FMA/L2-bound at the same ~40 GFLOP/s per core
-//    while dense GEMM reaches ~90 per core, so 2:4 loses to dense at B >= 64.
+//    while dense GEMM reaches ~90 per core, so fp32 2:4 wins only 1.6-2.4x and bf16 2:4 loses to
+//    dense bf16 at B >= 8.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
