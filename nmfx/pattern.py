@@ -13,6 +13,8 @@ from typing import Union
 
 import torch
 
+from nmfx.kernels import cpu as _cpu_kernel
+
 __all__ = ["Pattern", "PatternLike", "nm_mask", "MAX_M"]
 
 #: Largest group size a mask may use. SDGF's geometric schedule passes through 8:64 on its way to
@@ -94,8 +96,9 @@ def nm_mask(weight: torch.Tensor, pattern: PatternLike, dim: int = -1) -> torch.
 
     Groups are ``M`` consecutive elements along ``dim``; each keeps exactly ``N`` elements, those of
     largest magnitude. Ties go to the lower index; NaN counts as smaller than every number (and never
-    changes how many are kept); an all-zero group still keeps ``N``. Vectorized: ``N = 1`` is one argmax,
-    ``N = 2`` two, larger ``N`` a stable sort within each group.
+    changes how many are kept); an all-zero group still keeps ``N``. On the CPU a C++ kernel reads each
+    group once (:mod:`nmfx.kernels.cpu`, built on first use); elsewhere, or if it cannot be built, plain
+    torch: ``N = 1`` is one argmax, ``N = 2`` two, larger ``N`` a stable sort within each group.
     """
     pattern = Pattern.parse(pattern)
     if not isinstance(weight, torch.Tensor):
@@ -111,15 +114,35 @@ def nm_mask(weight: torch.Tensor, pattern: PatternLike, dim: int = -1) -> torch.
         )
     if pattern.is_dense:
         return torch.ones_like(weight, dtype=torch.bool)
-    n, m = pattern.n, pattern.m
     moved = weight.detach().movedim(dim, -1)
+    if _cpu_kernel_applies(moved):
+        keep = _cpu_kernel.nm_mask(moved, pattern.n, pattern.m)
+    else:
+        keep = _nm_mask_torch(moved, pattern.n, pattern.m)
+    return keep.movedim(-1, dim).contiguous()
+
+
+_CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cpu_kernel_applies(t: torch.Tensor) -> bool:
+    """The one-pass C++ kernel serves plain CPU tensors outside compilation (fake and other tensor
+    subclasses, CUDA tensors and float64 take the plain-torch path), once it could be built."""
+    return (t.device.type == "cpu" and t.dtype in _CPU_KERNEL_DTYPES and type(t) is torch.Tensor
+            and not torch.compiler.is_compiling() and _cpu_kernel.load() is not None)
+
+
+def _nm_mask_torch(moved: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """nm_mask along the last dimension in plain torch (any device): N = 1 is one argmax, N = 2 two,
+    larger N a stable sort within each group."""
+    size = moved.shape[-1]
     # |w| (our own temporary, modified in place below) with NaN mapped below every magnitude.
     # Written contiguous in the moved layout, so the group reductions below run over unit stride.
     score = torch.abs(moved, out=torch.empty(moved.shape, dtype=moved.dtype, device=moved.device))
     if score.isnan().any():
         score.nan_to_num_(nan=-1.0, posinf=float("inf"))
     groups = score.reshape(*moved.shape[:-1], size // m, m)
-    positions = torch.arange(m, device=weight.device)
+    positions = torch.arange(m, device=moved.device)
     if n == 1:
         keep = positions == groups.argmax(dim=-1, keepdim=True)
     elif n == 2:
@@ -128,5 +151,5 @@ def nm_mask(weight: torch.Tensor, pattern: PatternLike, dim: int = -1) -> torch.
         keep = (positions == first) | (positions == second)
     else:
         order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
-        keep = torch.zeros(groups.shape, dtype=torch.bool, device=weight.device).scatter_(-1, order, True)
-    return keep.reshape(moved.shape).movedim(-1, dim).contiguous()
+        keep = torch.zeros(groups.shape, dtype=torch.bool, device=moved.device).scatter_(-1, order, True)
+    return keep.reshape(moved.shape)

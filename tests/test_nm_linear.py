@@ -112,9 +112,9 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(cpu, "_error", None)
     monkeypatch.setattr(cpu, "_warned", False)
     monkeypatch.setattr(ext, "load", broken)
-    p, packed, x, b = _case("1:4", torch.float32, (3,), 2, 4, 0, True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        p, packed, x, b = _case("1:4", torch.float32, (3,), 2, 4, 0, True)  # packing tries the build first
         y1 = nm_linear_packed(x, packed, b, backend="cpu")
         y2 = nm_linear_packed(x, packed, b, backend="cpu")
     msgs = [str(w.message) for w in caught if "could not build the C++ CPU kernel" in str(w.message)]
@@ -218,10 +218,10 @@ def test_no_compiler_falls_back_to_the_reference_with_one_warning(tmp_path):
         from nmfx.inference_ops import nm_linear_packed
         from nmfx.kernels import cpu
         from nmfx.packed import pack_nm
-        p = pack_nm(torch.randn(8, 32), "1:8")
         x = torch.randn(3, 32)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            p = pack_nm(torch.randn(8, 32), "1:8")  # its nm_mask is the first to try the build
             ys = [nm_linear_packed(x, p, None, backend=b) for b in ("auto", "cpu", "auto")]
         expected = torch.nn.functional.linear(x, p.unpack())
         assert all(torch.allclose(y, expected, atol=1e-6) for y in ys)

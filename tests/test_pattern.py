@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nmfx import Pattern, nm_mask
+from nmfx.kernels import cpu as cpu_kernel
+from nmfx.pattern import _nm_mask_torch
 
 PATTERNS = [(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (1, 8), (3, 8), (7, 8), (1, 16), (5, 16), (1, 32), (8, 64), (127, 128)]
 
@@ -85,7 +87,12 @@ class TestNMMask:
         mask = nm_mask(w, p)
         assert mask.dtype == torch.bool and mask.shape == w.shape
         assert torch.equal(mask.reshape(w.shape[0], -1, p.m).sum(-1), torch.full((w.shape[0], w.shape[1] // p.m), p.n))
-        assert torch.equal(mask, _reference_mask(w.float(), p))
+        expected = _reference_mask(w.float(), p)
+        assert torch.equal(mask, expected)
+        # Both implementations, whichever nm_mask picked: plain torch (CUDA, fallback) and the C++ kernel.
+        assert torch.equal(_nm_mask_torch(w, p.n, p.m), expected)
+        if cpu_kernel.available():
+            assert torch.equal(cpu_kernel.nm_mask(w, p.n, p.m), expected)
 
     @settings(max_examples=60, deadline=None)
     @given(st.sampled_from(PATTERNS), st.integers(1, 4), st.integers(1, 3), st.integers(0, 2**16))
@@ -129,6 +136,22 @@ class TestNMMask:
             nm_mask([1.0, 2.0], "1:2")
         with pytest.raises(ValueError):
             nm_mask(torch.tensor(1.0), "1:1")
+
+    def test_cpu_kernel_serves_plain_cpu_tensors_only(self, monkeypatch):
+        """The C++ kernel is used for plain CPU tensors (when built); float64 and a failed build take
+        plain torch, with the same result."""
+        import nmfx.pattern as pattern_module
+
+        calls = []
+        real = pattern_module._nm_mask_torch
+        monkeypatch.setattr(pattern_module, "_nm_mask_torch", lambda *a: calls.append(a[0].dtype) or real(*a))
+        w = torch.randn(4, 32)
+        expected = _reference_mask(w, Pattern(2, 8))
+        assert torch.equal(nm_mask(w.double(), "2:8"), expected) and calls == [torch.float64]
+        assert torch.equal(nm_mask(w, "2:8"), expected)
+        assert calls == ([torch.float64] if cpu_kernel.available() else [torch.float64, torch.float32])
+        monkeypatch.setattr(cpu_kernel, "load", lambda: None)  # as if the build had failed
+        assert torch.equal(nm_mask(w, "2:8"), expected) and calls[-1] == torch.float32
 
     def test_does_not_modify_weight(self):
         w = torch.tensor([[float("nan"), -1.0, 2.0, 0.0]])

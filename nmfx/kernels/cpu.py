@@ -1,17 +1,22 @@
-"""The C++ CPU kernel for N:M sparse linear layers, built on first use.
+"""nmfx's C++ CPU kernels, built on first use.
 
 ``nm_linear(x, values, indices, bias, n, m, index_bits)`` computes ``x @ W^T + bias`` for a weight in
-nmfx's packed format (see :mod:`nmfx.packed`); ``available()`` says whether the kernel could be built.
+nmfx's packed format (see :mod:`nmfx.packed`); ``nm_mask(w, n, m)`` is the N:M mask of ``w`` along its
+last dimension in one pass (what :func:`nmfx.pattern.nm_mask` uses on the CPU); ``available()`` says
+whether the kernels could be built.
 
-Build: ``torch.utils.cpp_extension.load`` compiles ``nm_linear_cpu.cpp`` once, with ``-O3`` and explicit
-ISA flags for the host's best supported instruction set (``avx512bf16``: ``avx512`` plus AVX512-BF16
-dot products; ``avx512``: F/BW/VL/DQ; ``avx2``: AVX2+FMA+F16C; ``scalar`` otherwise), chosen at runtime
-from ``/proc/cpuinfo`` (or torch's CPU capability). The build is cached in ``$NMFX_CACHE_DIR`` (default ``~/.cache/nmfx``) under a directory keyed by the torch
-version, the ISA and a hash of the source and flags, so machines sharing a home directory but not an
-ISA never load each other's binaries. ``NMFX_CPU_ISA=avx512|avx2|scalar`` forces a lesser ISA (for testing).
+Build: ``torch.utils.cpp_extension.load`` compiles ``nm_linear_cpu.cpp`` and ``nm_mask_cpu.cpp`` once
+(about a minute; a line on stderr says so), with ``-O3`` and explicit ISA flags for the host's best
+supported instruction set (``avx512bf16``: ``avx512`` plus AVX512-BF16 dot products; ``avx512``:
+F/BW/VL/DQ; ``avx2``: AVX2+FMA+F16C; ``scalar`` otherwise), chosen at runtime from ``/proc/cpuinfo``
+(or torch's CPU capability). The build is cached in ``$NMFX_CACHE_DIR`` (default ``~/.cache/nmfx``)
+under a directory keyed by the torch version, the ISA and a hash of the sources and flags, so
+machines sharing a home directory but not an ISA never load each other's binaries.
+``NMFX_CPU_ISA=avx512|avx2|scalar`` forces a lesser ISA (for testing).
 
 If the build fails (no compiler, no ninja, ...), ``available()`` is False and :func:`load` warns once;
-:mod:`nmfx.inference_ops` then falls back to the plain-torch reference.
+:mod:`nmfx.inference_ops` then falls back to the plain-torch reference and ``nm_mask`` to its
+plain-torch version.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -26,9 +32,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "load", "isa", "nm_linear", "build_error", "cache_dir"]
+__all__ = ["available", "load", "isa", "nm_linear", "nm_mask", "build_error", "cache_dir"]
 
-_SOURCE = Path(__file__).with_name("nm_linear_cpu.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("nm_linear_cpu.cpp", "nm_mask_cpu.cpp")]
 _ISA_FLAGS = {
     "avx512bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
@@ -107,13 +113,17 @@ def load():
 
             target = isa()
             cflags = _COMMON_FLAGS + _ISA_FLAGS[target]
-            digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(cflags).encode()).hexdigest()[:12]
+            digest = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + " ".join(cflags).encode()).hexdigest()[:12]
             tag = f"torch{torch.__version__}-{platform.machine()}-{target}-{digest}".replace("+", "_")
             build = cache_dir() / "nm_linear_cpu" / tag
             build.mkdir(parents=True, exist_ok=True)
+            name = f"nmfx_nm_linear_cpu_{target}_{digest}"
+            if not (build / f"{name}.so").exists():
+                print(f"nmfx: compiling the C++ CPU kernels for {target} (once per machine and torch version, "
+                      f"about a minute; cached in {build})", file=sys.stderr, flush=True)
             _module = cpp_extension.load(
-                name=f"nmfx_nm_linear_cpu_{target}_{digest}",
-                sources=[str(_SOURCE)],
+                name=name,
+                sources=[str(p) for p in _SOURCES],
                 extra_cflags=cflags,
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build),
@@ -124,8 +134,8 @@ def load():
             if not _warned:
                 _warned = True
                 warnings.warn(
-                    "nmfx: could not build the C++ CPU kernel for nm_linear; falling back to the (slow) "
-                    f"plain-torch reference. Reason: {_error[:2000]}",
+                    "nmfx: could not build the C++ CPU kernel for nm_linear (and nm_mask); falling back to "
+                    f"the (slow) plain-torch reference. Reason: {_error[:2000]}",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -162,3 +172,12 @@ def nm_linear(
     if mod is None:
         raise RuntimeError(f"nmfx C++ CPU kernel unavailable: {_error}")
     return mod.nm_linear(x, values, indices, bias, int(n), int(m), int(index_bits), int(path))
+
+
+def nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Boolean N:M mask of a CPU tensor along its last dimension, by the C++ kernel (the rule of
+    :func:`nmfx.pattern.nm_mask`). Raises RuntimeError if the kernel is unavailable."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError(f"nmfx C++ CPU kernel unavailable: {_error}")
+    return mod.nm_mask(w, int(n), int(m))

@@ -933,6 +933,8 @@ at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Te
 
 std::string isa() { return NMFX_ISA; }
 
+at::Tensor nm_mask(const at::Tensor& w, int64_t n, int64_t m);  // nm_mask_cpu.cpp
+
 }  // namespace nmfx_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
@@ -940,4 +942,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("indices"), pybind11::arg("bias"),
           pybind11::arg("n"), pybind11::arg("m"), pybind11::arg("index_bits"), pybind11::arg("path") = 0);
   mod.def("isa", &nmfx_cpu::isa, "instruction set the extension was compiled for");
+  mod.def("nm_mask", &nmfx_cpu::nm_mask, "N:M mask along the last dimension (largest |w|), CPU",
+          pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("m"));
 }
