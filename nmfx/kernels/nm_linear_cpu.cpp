@@ -300,13 +300,17 @@ static inline void prefetch_row(const Problem& P, const T* vals, const uint8_t* 
 
 
 // ---------------------------------------------------------------------------------------------
-// GEMV path: NB (<= 4) batch rows of fp32 x, rows [o0, o1) of W.
+// GEMV path: rows [o0, o1) of W against NB (<= 4) batch rows of x. One driver, three inner steps
+// (gather, permute, bf16 dot product): `step(acc, vrow, irow, avail, k, xs)` adds the STEP kept
+// values from k into the NB accumulators, xs pointing SPAN x-elements further per step (0: the step
+// addresses x by absolute column). The scalar tail, bias and rounding store are shared.
 // ---------------------------------------------------------------------------------------------
-template <typename T, int NB>
-static void gemv_rows(const Problem& P, const Decoder& D, const float* xf, const T* vals, const uint8_t* idx,
-                      const T* bias, int64_t o0, int64_t o1, T* y, int64_t ldy) {
+template <typename T, typename XE, int NB, int STEP, typename Step>
+static void gemv_rows(const Problem& P, const XE* x, const T* vals, const uint8_t* idx, const T* bias,
+                      int64_t o0, int64_t o1, T* y, int64_t ldy, int64_t span, bool prefetch, Step step) {
   const int32_t* colbase = P.colbase.data();
   for (int64_t o = o0; o < o1; ++o) {
+    if (prefetch) prefetch_row(P, vals, idx, o, o1);
     const T* vrow = vals + o * P.K;
     const uint8_t* irow = idx + o * P.row_bytes;
     const int64_t avail = (P.out - o) * P.row_bytes;
@@ -314,19 +318,28 @@ static void gemv_rows(const Problem& P, const Decoder& D, const float* xf, const
     float tail[NB];
     for (int b = 0; b < NB; ++b) { acc[b] = vzero(); tail[b] = 0.f; }
     int64_t k = 0;
-    for (; k + VW <= P.K; k += VW) {
-      const Vi ix = vadd_i(D.positions(irow, avail, k), viload(colbase + k));
-      const Vf w = vcvt(vrow + k);
-#pragma GCC unroll 4
-      for (int b = 0; b < NB; ++b) acc[b] = vfma(w, vgather(xf + b * P.in, ix), acc[b]);
-    }
+    const XE* xs = x;
+    for (; k + STEP <= P.K; k += STEP, xs += span) step(acc, vrow, irow, avail, k, xs);
     for (; k < P.K; ++k) {
       const int32_t c = colbase[k] + position_scalar(irow, avail, P.bits, k);
       const float w = to_f(vrow[k]);
-      for (int b = 0; b < NB; ++b) tail[b] += w * xf[b * P.in + c];
+      for (int b = 0; b < NB; ++b) tail[b] += w * to_f(x[b * P.in + c]);
     }
     const float bv = bias ? to_f(bias[o]) : 0.f;
     for (int b = 0; b < NB; ++b) y[b * ldy + o] = static_cast<T>(vsum(acc[b]) + tail[b] + bv);
+  }
+}
+
+// Calls f(std::integral_constant<int, NB>{}, b0) for the batch rows in blocks of up to 4.
+template <typename F>
+static inline void for_batch_blocks(int64_t B, F&& f) {
+  for (int64_t b0 = 0; b0 < B; b0 += 4) {
+    switch (std::min<int64_t>(4, B - b0)) {
+      case 1: f(std::integral_constant<int, 1>{}, b0); break;
+      case 2: f(std::integral_constant<int, 2>{}, b0); break;
+      case 3: f(std::integral_constant<int, 3>{}, b0); break;
+      default: f(std::integral_constant<int, 4>{}, b0); break;
+    }
   }
 }
 
@@ -359,34 +372,14 @@ static inline int permute_windows(int n, int m) {
   return w <= 8 ? w : 0;
 }
 
-template <typename T, int NB, int W>
-static void gemv_rows_permute(const Problem& P, const Decoder& D, const float* xf, const T* vals,
-                              const uint8_t* idx, const T* bias, int64_t o0, int64_t o1, T* y, int64_t ldy) {
-  const int32_t* colbase = P.colbase.data();
-  const int64_t span = 16 * P.m / P.n;
-  for (int64_t o = o0; o < o1; ++o) {
-    prefetch_row(P, vals, idx, o, o1);
-    const T* vrow = vals + o * P.K;
-    const uint8_t* irow = idx + o * P.row_bytes;
-    const int64_t avail = (P.out - o) * P.row_bytes;
-    __m512 acc[NB];
-    float tail[NB];
-    for (int b = 0; b < NB; ++b) { acc[b] = _mm512_setzero_ps(); tail[b] = 0.f; }
-    int64_t k = 0;
-    const float* xs = xf;
-    for (; k + 16 <= P.K; k += 16, xs += span) {
-      const __m512i cols = _mm512_add_epi32(D.positions(irow, avail, k), _mm512_loadu_si512(colbase + k));
-      const __m512 w = vcvt(vrow + k);
-#pragma GCC unroll 4
-      for (int b = 0; b < NB; ++b) acc[b] = _mm512_fmadd_ps(w, permute_gather<W>(xs + b * P.in, cols), acc[b]);
-    }
-    for (; k < P.K; ++k) {
-      const int32_t c = colbase[k] + position_scalar(irow, avail, P.bits, k);
-      const float w = to_f(vrow[k]);
-      for (int b = 0; b < NB; ++b) tail[b] += w * xf[b * P.in + c];
-    }
-    const float bv = bias ? to_f(bias[o]) : 0.f;
-    for (int b = 0; b < NB; ++b) y[b * ldy + o] = static_cast<T>(_mm512_reduce_add_ps(acc[b]) + tail[b] + bv);
+// Calls f(std::integral_constant<int, W>{}) for the window count w (1, 2, 4 or 8).
+template <typename F>
+static inline void with_windows(int w, F&& f) {
+  switch (w) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, 8>{});
   }
 }
 #endif
@@ -457,41 +450,6 @@ static inline __m512i permute_gather16(const c10::BFloat16* span, __m512i cols) 
   return r;
 }
 
-template <int NB, int W>
-static void gemv_rows_bf16dp(const Problem& P, const c10::BFloat16* x, const c10::BFloat16* vals,
-                             const uint8_t* idx, const c10::BFloat16* bias, int64_t o0, int64_t o1,
-                             c10::BFloat16* y, int64_t ldy) {
-  const Decoder16 D(P.bits, P.n, P.m);
-  const int32_t* colbase = P.colbase.data();
-  const int64_t span = 32 * P.m / P.n;
-  for (int64_t o = o0; o < o1; ++o) {
-    prefetch_row(P, vals, idx, o, o1);
-    const c10::BFloat16* vrow = vals + o * P.K;
-    const uint8_t* irow = idx + o * P.row_bytes;
-    const int64_t avail = (P.out - o) * P.row_bytes;
-    __m512 acc[NB];
-    float tail[NB];
-    for (int b = 0; b < NB; ++b) { acc[b] = _mm512_setzero_ps(); tail[b] = 0.f; }
-    int64_t k = 0;
-    const c10::BFloat16* xs = x;
-    for (; k + 32 <= P.K; k += 32, xs += span) {
-      const __m512i cols = D.columns(irow, avail, k);
-      const __m512bh w = (__m512bh)_mm512_loadu_si512(vrow + k);
-#pragma GCC unroll 4
-      for (int b = 0; b < NB; ++b)
-        acc[b] = _mm512_dpbf16_ps(acc[b], w, (__m512bh)permute_gather16<W>(xs + b * P.in, cols));
-    }
-    for (; k < P.K; ++k) {
-      const int32_t c = colbase[k] + position_scalar(irow, avail, P.bits, k);
-      const float w = to_f(vrow[k]);
-      for (int b = 0; b < NB; ++b) tail[b] += w * to_f(x[b * P.in + c]);
-    }
-    const float bv = bias ? to_f(bias[o]) : 0.f;
-    for (int b = 0; b < NB; ++b)
-      y[b * ldy + o] = static_cast<c10::BFloat16>(_mm512_reduce_add_ps(acc[b]) + tail[b] + bv);
-  }
-}
-
 // The bf16 dot-product GEMV for this pattern and index width, if it applies.
 static inline bool bf16dp_applies(const Problem& P) {
   return permute_windows(P.n, P.m) > 0 && Decoder16::fits(P.bits);
@@ -501,29 +459,51 @@ template <int NB>
 static void gemv_block_bf16dp(const Problem& P, const c10::BFloat16* x, const c10::BFloat16* vals,
                               const uint8_t* idx, const c10::BFloat16* bias, int64_t o0, int64_t o1,
                               c10::BFloat16* y, int64_t ldy) {
-  switch (permute_windows(P.n, P.m)) {
-    case 1: return gemv_rows_bf16dp<NB, 1>(P, x, vals, idx, bias, o0, o1, y, ldy);
-    case 2: return gemv_rows_bf16dp<NB, 2>(P, x, vals, idx, bias, o0, o1, y, ldy);
-    case 4: return gemv_rows_bf16dp<NB, 4>(P, x, vals, idx, bias, o0, o1, y, ldy);
-    default: return gemv_rows_bf16dp<NB, 8>(P, x, vals, idx, bias, o0, o1, y, ldy);
-  }
+  const Decoder16 D(P.bits, P.n, P.m);
+  with_windows(permute_windows(P.n, P.m), [&](auto windows) {
+    constexpr int W = decltype(windows)::value;
+    gemv_rows<c10::BFloat16, c10::BFloat16, NB, 32>(
+        P, x, vals, idx, bias, o0, o1, y, ldy, 32 * P.m / P.n, /*prefetch=*/true,
+        [&](__m512* acc, const c10::BFloat16* vrow, const uint8_t* irow, int64_t avail, int64_t k,
+            const c10::BFloat16* xs) {
+          const __m512i cols = D.columns(irow, avail, k);
+          const __m512bh w = (__m512bh)_mm512_loadu_si512(vrow + k);
+#pragma GCC unroll 4
+          for (int b = 0; b < NB; ++b)
+            acc[b] = _mm512_dpbf16_ps(acc[b], w, (__m512bh)permute_gather16<W>(xs + b * P.in, cols));
+        });
+  });
 }
 #endif
 
-// Rows [o0, o1) for NB batch rows: the permute path where the pattern fits it, else gathers.
+// Rows [o0, o1) for NB batch rows of fp32 x: the permute path where the pattern fits it, else gathers.
 template <typename T, int NB>
 static void gemv_block(const Problem& P, const Decoder& D, const float* xf, const T* vals, const uint8_t* idx,
                        const T* bias, int64_t o0, int64_t o1, T* y, int64_t ldy) {
+  const int32_t* colbase = P.colbase.data();
 #if defined(NMFX_AVX512)
-  switch (permute_windows(P.n, P.m)) {
-    case 1: return gemv_rows_permute<T, NB, 1>(P, D, xf, vals, idx, bias, o0, o1, y, ldy);
-    case 2: return gemv_rows_permute<T, NB, 2>(P, D, xf, vals, idx, bias, o0, o1, y, ldy);
-    case 4: return gemv_rows_permute<T, NB, 4>(P, D, xf, vals, idx, bias, o0, o1, y, ldy);
-    case 8: return gemv_rows_permute<T, NB, 8>(P, D, xf, vals, idx, bias, o0, o1, y, ldy);
-    default: break;
+  if (const int windows = permute_windows(P.n, P.m)) {
+    return with_windows(windows, [&](auto wtag) {
+      constexpr int W = decltype(wtag)::value;
+      gemv_rows<T, float, NB, 16>(
+          P, xf, vals, idx, bias, o0, o1, y, ldy, 16 * P.m / P.n, /*prefetch=*/true,
+          [&](Vf* acc, const T* vrow, const uint8_t* irow, int64_t avail, int64_t k, const float* xs) {
+            const Vi cols = vadd_i(D.positions(irow, avail, k), viload(colbase + k));
+            const Vf w = vcvt(vrow + k);
+#pragma GCC unroll 4
+            for (int b = 0; b < NB; ++b) acc[b] = vfma(w, permute_gather<W>(xs + b * P.in, cols), acc[b]);
+          });
+    });
   }
 #endif
-  gemv_rows<T, NB>(P, D, xf, vals, idx, bias, o0, o1, y, ldy);
+  gemv_rows<T, float, NB, VW>(
+      P, xf, vals, idx, bias, o0, o1, y, ldy, 0, /*prefetch=*/false,
+      [&](Vf* acc, const T* vrow, const uint8_t* irow, int64_t avail, int64_t k, const float* xs) {
+        const Vi cols = vadd_i(D.positions(irow, avail, k), viload(colbase + k));
+        const Vf w = vcvt(vrow + k);
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) acc[b] = vfma(w, vgather(xs + b * P.in, cols), acc[b]);
+      });
 }
 
 template <typename T>
@@ -532,16 +512,9 @@ static void run_gemv(const Problem& P, const T* x, const T* vals, const uint8_t*
   if constexpr (std::is_same<T, c10::BFloat16>::value) {
     if (bf16dp_applies(P)) {
       at::parallel_for(0, P.out, 16, [&](int64_t o0, int64_t o1) {
-        for (int64_t b0 = 0; b0 < P.B; b0 += 4) {
-          const T* xb = x + b0 * P.in;
-          T* yb = y + b0 * P.out;
-          switch (std::min<int64_t>(4, P.B - b0)) {
-            case 1: gemv_block_bf16dp<1>(P, xb, vals, idx, bias, o0, o1, yb, P.out); break;
-            case 2: gemv_block_bf16dp<2>(P, xb, vals, idx, bias, o0, o1, yb, P.out); break;
-            case 3: gemv_block_bf16dp<3>(P, xb, vals, idx, bias, o0, o1, yb, P.out); break;
-            default: gemv_block_bf16dp<4>(P, xb, vals, idx, bias, o0, o1, yb, P.out); break;
-          }
-        }
+        for_batch_blocks(P.B, [&](auto nb, int64_t b0) {
+          gemv_block_bf16dp<decltype(nb)::value>(P, x + b0 * P.in, vals, idx, bias, o0, o1, y + b0 * P.out, P.out);
+        });
       });
       return;
     }
@@ -559,16 +532,9 @@ static void run_gemv(const Problem& P, const T* x, const T* vals, const uint8_t*
   }
   const Decoder D(P.bits);
   at::parallel_for(0, P.out, 16, [&](int64_t o0, int64_t o1) {
-    for (int64_t b0 = 0; b0 < P.B; b0 += 4) {
-      const float* xb = xf + b0 * P.in;
-      T* yb = y + b0 * P.out;
-      switch (std::min<int64_t>(4, P.B - b0)) {
-        case 1: gemv_block<T, 1>(P, D, xb, vals, idx, bias, o0, o1, yb, P.out); break;
-        case 2: gemv_block<T, 2>(P, D, xb, vals, idx, bias, o0, o1, yb, P.out); break;
-        case 3: gemv_block<T, 3>(P, D, xb, vals, idx, bias, o0, o1, yb, P.out); break;
-        default: gemv_block<T, 4>(P, D, xb, vals, idx, bias, o0, o1, yb, P.out); break;
-      }
-    }
+    for_batch_blocks(P.B, [&](auto nb, int64_t b0) {
+      gemv_block<T, decltype(nb)::value>(P, D, xf + b0 * P.in, vals, idx, bias, o0, o1, y + b0 * P.out, P.out);
+    });
   });
 }
 
@@ -609,42 +575,38 @@ static inline void tile_rows(const Problem& P, const Decoder& D, const T* vals, 
     for (int v = 0; v < NV; ++v) vstore(out + r * BT + v * VW, acc[r][v]);
 }
 
-template <typename T, int NV>
-static void run_batched(const Problem& P, const T* x, const T* vals, const uint8_t* idx, const T* bias, T* y) {
-  constexpr int BT = NV * VW;
+// Packs x into zero-padded batch tiles xT[t][c][l] = x[t*BT + l][c] of element type XE, then each
+// thread sweeps its 16-row output groups once per tile: `tile(rows_tag, o, xt, out)` computes
+// rows o .. o + rows_tag (RB, or 1 at a group's end) into out[row][0:BT]; bias and the transposed,
+// rounded store to y are shared.
+template <typename XE, int BT, int RB, typename T, typename Tile>
+static void sweep_batch_tiles(const Problem& P, const T* x, const T* bias, T* y, Tile tile) {
   const int64_t ntiles = (P.B + BT - 1) / BT;
-  // Pack x into zero-padded fp32 batch tiles xT[t][c][l] = x[t*BT + l][c].
-  at::Tensor xT_t = at::empty({ntiles * P.in * BT}, at::TensorOptions().dtype(at::kFloat));
-  float* xT = xT_t.data_ptr<float>();
+  at::Tensor xT_t = at::empty({ntiles * P.in * BT},
+                              at::TensorOptions().dtype(std::is_same<XE, float>::value ? at::kFloat : at::kBFloat16));
+  XE* xT = static_cast<XE*>(xT_t.data_ptr());
   at::parallel_for(0, P.in, 64, [&](int64_t c0, int64_t c1) {
     for (int64_t t = 0; t < ntiles; ++t) {
-      float* dst = xT + t * P.in * BT;
       const int64_t lanes = std::min<int64_t>(BT, P.B - t * BT);
       for (int64_t c = c0; c < c1; ++c) {
-        float* d = dst + c * BT;
-        for (int64_t l = 0; l < lanes; ++l) d[l] = to_f(x[(t * BT + l) * P.in + c]);
-        for (int64_t l = lanes; l < BT; ++l) d[l] = 0.f;
+        XE* d = xT + (t * P.in + c) * BT;
+        for (int64_t l = 0; l < lanes; ++l) d[l] = static_cast<XE>(x[(t * BT + l) * P.in + c]);
+        for (int64_t l = lanes; l < BT; ++l) d[l] = XE(0.f);
       }
     }
   });
   const int64_t ngroups = (P.out + RG - 1) / RG;
-  const Decoder D(P.bits);
   at::parallel_for(0, ngroups, 1, [&](int64_t g0, int64_t g1) {
     alignas(64) float obuf[RG * BT];
     for (int64_t t = 0; t < ntiles; ++t) {
-      const float* xt = xT + t * P.in * BT;
+      const XE* xt = xT + t * P.in * BT;
       const int64_t lanes = std::min<int64_t>(BT, P.B - t * BT);
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t o0 = g * RG;
         const int rows = static_cast<int>(std::min<int64_t>(RG, P.out - o0));
         int r = 0;
-        constexpr int RB = rows_per_tile<NV>();
-        for (; r + RB <= rows; r += RB)
-          tile_rows<T, RB, NV>(P, D, vals + (o0 + r) * P.K, idx + (o0 + r) * P.row_bytes, (P.out - o0 - r) * P.row_bytes,
-                               xt, obuf + r * BT);
-        for (; r < rows; ++r)
-          tile_rows<T, 1, NV>(P, D, vals + (o0 + r) * P.K, idx + (o0 + r) * P.row_bytes, (P.out - o0 - r) * P.row_bytes,
-                              xt, obuf + r * BT);
+        for (; r + RB <= rows; r += RB) tile(std::integral_constant<int, RB>{}, o0 + r, xt, obuf + r * BT);
+        for (; r < rows; ++r) tile(std::integral_constant<int, 1>{}, o0 + r, xt, obuf + r * BT);
         float bv[RG];
         for (int rr = 0; rr < rows; ++rr) bv[rr] = bias ? to_f(bias[o0 + rr]) : 0.f;
         for (int64_t l = 0; l < lanes; ++l) {
@@ -653,6 +615,14 @@ static void run_batched(const Problem& P, const T* x, const T* vals, const uint8
         }
       }
     }
+  });
+}
+
+template <typename T, int NV>
+static void run_batched(const Problem& P, const T* x, const T* vals, const uint8_t* idx, const T* bias, T* y) {
+  const Decoder D(P.bits);
+  sweep_batch_tiles<float, NV * VW, rows_per_tile<NV>()>(P, x, bias, y, [&](auto rows, int64_t o, const float* xt, float* out) {
+    tile_rows<T, decltype(rows)::value, NV>(P, D, vals + o * P.K, idx + o * P.row_bytes, (P.out - o) * P.row_bytes, xt, out);
   });
 }
 
@@ -788,45 +758,11 @@ static inline void tile_rows_bf16dp(const Problem& P, const Decoder& D, const c1
 template <int BT>
 static void run_batched_bf16dp(const Problem& P, const c10::BFloat16* x, const c10::BFloat16* vals,
                                const uint8_t* idx, const c10::BFloat16* bias, c10::BFloat16* y) {
-  constexpr int RB = BT == 16 ? 16 : BT == 32 ? 8 : 4;
-  const int64_t ntiles = (P.B + BT - 1) / BT;
-  at::Tensor xT_t = at::empty({ntiles * P.in * BT}, at::TensorOptions().dtype(at::kBFloat16));
-  c10::BFloat16* xT = xT_t.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, P.in, 64, [&](int64_t c0, int64_t c1) {
-    for (int64_t t = 0; t < ntiles; ++t) {
-      const int64_t lanes = std::min<int64_t>(BT, P.B - t * BT);
-      for (int64_t c = c0; c < c1; ++c) {
-        c10::BFloat16* d = xT + (t * P.in + c) * BT;
-        for (int64_t l = 0; l < lanes; ++l) d[l] = x[(t * BT + l) * P.in + c];
-        for (int64_t l = lanes; l < BT; ++l) d[l] = c10::BFloat16(0.f);
-      }
-    }
-  });
-  const int64_t ngroups = (P.out + RG - 1) / RG;
   const Decoder D(P.bits);
-  at::parallel_for(0, ngroups, 1, [&](int64_t g0, int64_t g1) {
-    alignas(64) float obuf[RG * BT];
-    for (int64_t t = 0; t < ntiles; ++t) {
-      const c10::BFloat16* xt = xT + t * P.in * BT;
-      const int64_t lanes = std::min<int64_t>(BT, P.B - t * BT);
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t o0 = g * RG;
-        const int rows = static_cast<int>(std::min<int64_t>(RG, P.out - o0));
-        int r = 0;
-        for (; r + RB <= rows; r += RB)
-          tile_rows_bf16dp<RB, BT>(P, D, vals + (o0 + r) * P.K, idx + (o0 + r) * P.row_bytes,
-                                   (P.out - o0 - r) * P.row_bytes, xt, obuf + r * BT);
-        for (; r < rows; ++r)
-          tile_rows_bf16dp<1, BT>(P, D, vals + (o0 + r) * P.K, idx + (o0 + r) * P.row_bytes,
-                                  (P.out - o0 - r) * P.row_bytes, xt, obuf + r * BT);
-        float bv[RG];
-        for (int rr = 0; rr < rows; ++rr) bv[rr] = bias ? to_f(bias[o0 + rr]) : 0.f;
-        for (int64_t l = 0; l < lanes; ++l) {
-          c10::BFloat16* yrow = y + (t * BT + l) * P.out + o0;
-          for (int rr = 0; rr < rows; ++rr) yrow[rr] = static_cast<c10::BFloat16>(obuf[rr * BT + l] + bv[rr]);
-        }
-      }
-    }
+  constexpr int RB = BT == 16 ? 16 : BT == 32 ? 8 : 4;
+  sweep_batch_tiles<c10::BFloat16, BT, RB>(P, x, bias, y, [&](auto rows, int64_t o, const c10::BFloat16* xt, float* out) {
+    tile_rows_bf16dp<decltype(rows)::value, BT>(P, D, vals + o * P.K, idx + o * P.row_bytes, (P.out - o) * P.row_bytes,
+                                                xt, out);
   });
 }
 #endif
@@ -850,13 +786,9 @@ static void dispatch(const Problem& P, const T* x, const T* vals, const uint8_t*
   if (gemv) return run_gemv<T>(P, x, vals, idx, bias, y);
 #if defined(NMFX_AVX512BF16)
   if constexpr (std::is_same<T, c10::BFloat16>::value) {
-    if (path != 3) {  // path 3: the widening batched path below (benchmarking knob)
-      if (path == 30 || path == 31 || path == 32) return path == 30 ? run_batched_bf16dp<16>(P, x, vals, idx, bias, y)
-          : path == 31 ? run_batched_bf16dp<32>(P, x, vals, idx, bias, y) : run_batched_bf16dp<64>(P, x, vals, idx, bias, y);
-      if (P.B <= 16) return run_batched_bf16dp<16>(P, x, vals, idx, bias, y);
-      if (P.B <= 32) return run_batched_bf16dp<32>(P, x, vals, idx, bias, y);
-      return run_batched_bf16dp<64>(P, x, vals, idx, bias, y);
-    }
+    if (P.B <= 16) return run_batched_bf16dp<16>(P, x, vals, idx, bias, y);
+    if (P.B <= 32) return run_batched_bf16dp<32>(P, x, vals, idx, bias, y);
+    return run_batched_bf16dp<64>(P, x, vals, idx, bias, y);
   }
 #endif
   // Batch-tile width: the fewest vectors that cover B (padding waste), at most kMaxNV.
