@@ -73,6 +73,20 @@
 
 namespace nmfx_cpu {
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// NBYTES (8 or 16) bytes of a packed index row from row + byte0 in the low bytes of an xmm,
+// zero-filled past `avail` (the bytes readable to the end of the tensor).
+template <int NBYTES>
+static inline __m128i load_row_bytes(const uint8_t* row, int64_t byte0, int64_t avail) {
+  if (byte0 + NBYTES <= avail)
+    return NBYTES == 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + byte0))
+                        : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + byte0));
+  alignas(16) uint8_t tmp[16] = {0};
+  std::memcpy(tmp, row + byte0, static_cast<size_t>(std::min<int64_t>(NBYTES, avail - byte0)));
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Vector layer
 // ---------------------------------------------------------------------------------------------
@@ -126,15 +140,7 @@ struct Decoder {
   // `avail`: bytes readable from `row` (to the end of the tensor).
   inline Vi positions(const uint8_t* row, int64_t avail, int64_t k) const {
     if (bits == 8) return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)));
-    const int64_t byte0 = k / 8 * bits;
-    __m128i src;
-    if (byte0 + 16 <= avail) {
-      src = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + byte0));
-    } else {
-      alignas(16) uint8_t tmp[16] = {0};
-      std::memcpy(tmp, row + byte0, static_cast<size_t>(std::min<int64_t>(16, avail - byte0)));
-      src = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
-    }
+    const __m128i src = load_row_bytes<16>(row, k / 8 * bits, avail);
     const __m512i w = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(src), ctl);
     return _mm512_and_si512(_mm512_srlv_epi32(w, shift), mask);
   }
@@ -187,15 +193,7 @@ struct Decoder {
   }
   inline Vi positions(const uint8_t* row, int64_t avail, int64_t k) const {
     if (bits == 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k)));
-    const int64_t byte0 = k / 8 * bits;
-    __m128i src;
-    if (byte0 + 8 <= avail) {
-      src = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + byte0));
-    } else {
-      alignas(16) uint8_t tmp[16] = {0};
-      std::memcpy(tmp, row + byte0, static_cast<size_t>(std::min<int64_t>(8, avail - byte0)));
-      src = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
-    }
+    const __m128i src = load_row_bytes<8>(row, k / 8 * bits, avail);
     const __m256i w = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(src), ctl);
     return _mm256_and_si256(_mm256_srlv_epi32(w, shift), mask);
   }
@@ -421,15 +419,7 @@ struct Decoder16 {
     if (bits == 8) {
       pos = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
     } else {
-      const int64_t byte0 = k / 8 * bits;
-      __m128i src;
-      if (byte0 + 16 <= avail) {
-        src = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + byte0));
-      } else {
-        alignas(16) uint8_t tmp[16] = {0};
-        std::memcpy(tmp, row + byte0, static_cast<size_t>(std::min<int64_t>(16, avail - byte0)));
-        src = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
-      }
+      const __m128i src = load_row_bytes<16>(row, k / 8 * bits, avail);
       const __m512i w = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(src), ctl);
       pos = _mm512_and_si512(_mm512_srlv_epi16(w, shift), mask);
     }
