@@ -619,13 +619,37 @@ static void run_batched(const Problem& P, const T* x, const T* vals, const uint8
 #if defined(NMFX_AVX512BF16)
 // ---------------------------------------------------------------------------------------------
 // bf16 batched path with native dot products. x is packed as bf16 batch tiles xT[t][c][0:BT]
-// (BT = 32*NV lanes; half the bytes of the fp32 tiles, so half the L2->L1 traffic that bounds the
-// fp32 path). Kept values are taken in pairs (k, k+1) of a row: the pair's two bf16 weights are one
-// dword, broadcast; the two xT rows c_k, c_{k+1} are interleaved by vpunpck{l,h}wd into (x_k, x_k+1)
-// pairs per batch lane, and vdpbf16ps adds w_k x_k + w_k+1 x_k+1 into fp32 lanes. Per pair and 32
-// lanes: 2 loads, 2 unpacks, 1 broadcast, 2 dot products (fp32: 4 loads, 2 broadcasts, 4 FMAs).
-// unpacklo holds lanes 8q+0..3 of each 128-bit block q, unpackhi lanes 8q+4..7 (undone on store).
+// (BT = 16, 32 or 64 lanes; half the bytes of fp32 tiles, so half the L2->L1 traffic that bounds
+// the fp32 path). Kept values are taken in pairs (k, k+1) of a row: the pair's two bf16 weights are
+// one dword, broadcast; the pair's two xT rows c_k, c_k+1 are interleaved into (x_k, x_k+1) pairs per
+// batch lane, and vdpbf16ps adds w_k x_k + w_k+1 x_k+1 into fp32 lanes. An odd last value (K odd)
+// pairs with a zero weight and zero x.
 // ---------------------------------------------------------------------------------------------
+// Stages kept values k0 .. k0+cnt of R rows: their xT offsets (column * BT) into ob and their bf16
+// values into vb (copied, because rows K apart can alias one L1 set: K = 2048 bf16 is 4 KiB).
+template <int R>
+static inline void stage_chunk(const Problem& P, const Decoder& D, const c10::BFloat16* vals, const uint8_t* idx,
+                               int64_t avail, int64_t k0, int cnt, int32_t bt, int32_t (*ob)[CH],
+                               c10::BFloat16 (*vb)[CH]) {
+  for (int r = 0; r < R; ++r) {
+    decode_cols(D, idx + r * P.row_bytes, avail - r * P.row_bytes, P.colbase.data(), k0, cnt, bt, ob[r]);
+    std::memcpy(vb[r], vals + r * P.K + k0, static_cast<size_t>(cnt) * 2);
+  }
+}
+
+// The weights of pair (i, i+1) of a staged row as one broadcast dword; i + 1 == cnt pairs with zero.
+static inline __m512bh pair_weights(const c10::BFloat16* vrow, int i, int cnt) {
+  uint32_t pair;
+  if (i + 1 < cnt) {
+    std::memcpy(&pair, vrow + i, 4);
+  } else {
+    uint16_t one;
+    std::memcpy(&one, vrow + i, 2);
+    pair = one;
+  }
+  return (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pair));
+}
+
 // 16 batch lanes: the two xT rows of a pair are 16 bf16 each, so one vpermt2w interleaves them in
 // natural lane order and one vdpbf16ps consumes the pair (per pair: 2 loads, 1 permute, 1 broadcast,
 // 1 dot product).
@@ -633,50 +657,42 @@ template <int R>
 static inline void tile_rows_bf16dp_16(const Problem& P, const Decoder& D, const c10::BFloat16* vals,
                                        const uint8_t* idx, int64_t avail, const c10::BFloat16* xt, float* out) {
   alignas(64) int32_t ob[R][CH];
-  alignas(64) c10::BFloat16 vb[R][CH];  // the chunk's values: rows K apart can alias in L1 (K = 2048: 4 KiB)
+  alignas(64) c10::BFloat16 vb[R][CH];
   alignas(64) int16_t il[32];
   for (int j = 0; j < 16; ++j) { il[2 * j] = static_cast<int16_t>(j); il[2 * j + 1] = static_cast<int16_t>(32 + j); }
   const __m512i interleave = _mm512_load_si512(il);
   __m512 acc[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
   for (int64_t k0 = 0; k0 < P.K; k0 += CH) {
     const int cnt = static_cast<int>(std::min<int64_t>(CH, P.K - k0));
-    for (int r = 0; r < R; ++r) {
-      decode_cols(D, idx + r * P.row_bytes, avail - r * P.row_bytes, P.colbase.data(), k0, cnt, 16, ob[r]);
-      std::memcpy(vb[r], vals + r * P.K + k0, static_cast<size_t>(cnt) * 2);
-    }
-    int i = 0;
-    for (; i + 2 <= cnt; i += 2) {
+    stage_chunk<R>(P, D, vals, idx, avail, k0, cnt, 16, ob, vb);
+    for (int i = 0; i < cnt; i += 2) {
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        int32_t pair;
-        std::memcpy(&pair, vb[r] + i, 4);
         const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + ob[r][i])));
-        const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + ob[r][i + 1])));
+        const __m512i b = i + 1 < cnt
+            ? _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + ob[r][i + 1])))
+            : zero;
         acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_permutex2var_epi16(a, interleave, b),
-                                  (__m512bh)_mm512_set1_epi32(pair));
-      }
-    }
-    if (i < cnt) {  // an odd last value (K odd): pair it with a zero weight and zero x
-      for (int r = 0; r < R; ++r) {
-        uint16_t bits;
-        std::memcpy(&bits, vb[r] + i, 2);
-        const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + ob[r][i])));
-        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_permutex2var_epi16(a, interleave, _mm512_setzero_si512()),
-                                  (__m512bh)_mm512_set1_epi32(bits));
+                                  pair_weights(vb[r], i, cnt));
       }
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * 16, acc[r]);
 }
 
+// 32 or 64 batch lanes (NV zmm of 32 bf16): vpunpck{l,h}wd interleave the pair's two xT rows (per
+// pair and 32 lanes: 2 loads, 2 unpacks, 1 broadcast, 2 dot products; fp32 needs 4 loads, 2
+// broadcasts, 4 FMAs). unpacklo holds lanes 8q+0..3 of each 128-bit block q, unpackhi lanes
+// 8q+4..7; the store undoes that.
 template <int R, int NV>
 static inline void tile_rows_bf16dp_wide(const Problem& P, const Decoder& D, const c10::BFloat16* vals,
                                          const uint8_t* idx, int64_t avail, const c10::BFloat16* xt, float* out) {
   constexpr int BT = NV * 32;
   alignas(64) int32_t ob[R][CH];
-  alignas(64) c10::BFloat16 vb[R][CH];  // the chunk's values (see tile_rows_bf16dp_16)
+  alignas(64) c10::BFloat16 vb[R][CH];
   __m512 lo[R][NV], hi[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -685,37 +701,18 @@ static inline void tile_rows_bf16dp_wide(const Problem& P, const Decoder& D, con
   const __m512i zero = _mm512_setzero_si512();
   for (int64_t k0 = 0; k0 < P.K; k0 += CH) {
     const int cnt = static_cast<int>(std::min<int64_t>(CH, P.K - k0));
-    for (int r = 0; r < R; ++r) {
-      decode_cols(D, idx + r * P.row_bytes, avail - r * P.row_bytes, P.colbase.data(), k0, cnt, BT, ob[r]);
-      std::memcpy(vb[r], vals + r * P.K + k0, static_cast<size_t>(cnt) * 2);
-    }
-    int i = 0;
-    for (; i + 2 <= cnt; i += 2) {
+    stage_chunk<R>(P, D, vals, idx, avail, k0, cnt, BT, ob, vb);
+    for (int i = 0; i < cnt; i += 2) {
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        int32_t pair;
-        std::memcpy(&pair, vb[r] + i, 4);
-        const __m512bh w = (__m512bh)_mm512_set1_epi32(pair);
+        const __m512bh w = pair_weights(vb[r], i, cnt);
         const c10::BFloat16* p0 = xt + ob[r][i];
-        const c10::BFloat16* p1 = xt + ob[r][i + 1];
+        const c10::BFloat16* p1 = i + 1 < cnt ? xt + ob[r][i + 1] : nullptr;
 #pragma GCC unroll 2
         for (int v = 0; v < NV; ++v) {
-          const __m512i a = _mm512_loadu_si512(p0 + 32 * v), b = _mm512_loadu_si512(p1 + 32 * v);
+          const __m512i a = _mm512_loadu_si512(p0 + 32 * v), b = p1 ? _mm512_loadu_si512(p1 + 32 * v) : zero;
           lo[r][v] = _mm512_dpbf16_ps(lo[r][v], (__m512bh)_mm512_unpacklo_epi16(a, b), w);
           hi[r][v] = _mm512_dpbf16_ps(hi[r][v], (__m512bh)_mm512_unpackhi_epi16(a, b), w);
-        }
-      }
-    }
-    if (i < cnt) {  // an odd last value (K odd): pair it with a zero weight and zero x
-      for (int r = 0; r < R; ++r) {
-        uint16_t bits;
-        std::memcpy(&bits, vb[r] + i, 2);
-        const __m512bh w = (__m512bh)_mm512_set1_epi32(bits);
-        const c10::BFloat16* p0 = xt + ob[r][i];
-        for (int v = 0; v < NV; ++v) {
-          const __m512i a = _mm512_loadu_si512(p0 + 32 * v);
-          lo[r][v] = _mm512_dpbf16_ps(lo[r][v], (__m512bh)_mm512_unpacklo_epi16(a, zero), w);
-          hi[r][v] = _mm512_dpbf16_ps(hi[r][v], (__m512bh)_mm512_unpackhi_epi16(a, zero), w);
         }
       }
     }
