@@ -762,6 +762,8 @@ static int64_t gemv_max_batch(const Problem& P) {
 #endif
 #if defined(NMFX_AVX512)
   if (const int w = permute_windows(P.n, P.m)) return w == 1 ? 4 : 2;
+#else
+  (void)P;  // only gathers: GEMV for B = 1
 #endif
   return 1;
 }
