@@ -41,8 +41,9 @@ def weight_gradient(grad_eff: Tensor, weight: Tensor, mask: Tensor, alpha: Tenso
     if exact_gradient:
         grad_eff = effective_weight(grad_eff, mask, alpha)
     if srste_lambda is not None:
-        pruned = torch.where(mask, torch.zeros((), dtype=weight.dtype, device=weight.device), weight)
-        grad_eff = grad_eff + pruned.mul_(srste_lambda.to(weight.dtype))
+        # g + lambda W where pruned, g where kept: one temporary, two passes.
+        decayed = torch.addcmul(grad_eff, weight, srste_lambda.to(weight.dtype))
+        grad_eff = torch.where(mask, grad_eff, decayed, out=decayed)
     return grad_eff
 
 
