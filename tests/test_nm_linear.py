@@ -277,3 +277,24 @@ def test_lesser_isa_builds_match_the_reference(isa):
     env = {**os.environ, "NMFX_CPU_ISA": isa}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0 and "ok" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_ninja_from_the_interpreters_scripts_dir_is_found(tmp_path, monkeypatch):
+    """A venv's python run without activating the venv: the ninja wheel's binary sits in the scripts
+    directory, off PATH; the build puts that directory on PATH (and leaves PATH alone otherwise)."""
+    import os
+    import shutil
+    import sysconfig
+
+    scripts = tmp_path / "bin"
+    scripts.mkdir()
+    (scripts / "ninja").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(scripts) if name == "scripts" else None)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(shutil, "which", lambda cmd: None)
+    cpu._ensure_ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == str(scripts)
+    monkeypatch.setenv("PATH", "/already")
+    monkeypatch.setattr(shutil, "which", lambda cmd: "/usr/bin/ninja")
+    cpu._ensure_ninja_on_path()
+    assert os.environ["PATH"] == "/already"

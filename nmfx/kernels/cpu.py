@@ -24,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import sys
+import sysconfig
 import threading
 import warnings
 from pathlib import Path
@@ -100,6 +102,16 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "nmfx"
 
 
+def _ensure_ninja_on_path() -> None:
+    """cpp_extension runs ``ninja`` from PATH. The ``ninja`` wheel (a dependency) installs it beside
+    the interpreter, which is not on PATH when a venv's python runs without the venv activated: add
+    that one directory then."""
+    if shutil.which("ninja") is None:
+        scripts = sysconfig.get_path("scripts")
+        if scripts and os.path.exists(os.path.join(scripts, "ninja")):
+            os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+
+
 def load():
     """Build (first time) and import the extension; None if that fails (warns once)."""
     global _module, _error, _warned
@@ -117,6 +129,7 @@ def load():
             tag = f"torch{torch.__version__}-{platform.machine()}-{target}-{digest}".replace("+", "_")
             build = cache_dir() / "nm_linear_cpu" / tag
             build.mkdir(parents=True, exist_ok=True)
+            _ensure_ninja_on_path()
             name = f"nmfx_nm_linear_cpu_{target}_{digest}"
             if not (build / f"{name}.so").exists():
                 print(f"nmfx: compiling the C++ CPU kernels for {target} (once per machine and torch version, "
