@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 
 import nmfx.kernels.cpu as cpu
 from nmfx.inference_ops import nm_linear, nm_linear_packed, nm_linear_reference
-from nmfx.packed import pack_nm
-from nmfx.pattern import Pattern
+from tests.nm_cases import random_case as _case
 
 PATTERNS = ["1:2", "2:4", "1:4", "2:8", "1:8", "3:8", "1:16", "1:32", "1:3", "2:6"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -32,16 +31,6 @@ def cpu_kernel():
     if not ok:
         pytest.skip(f"nmfx C++ CPU kernel could not be built: {cpu.build_error()}")
     return cpu
-
-
-def _case(pattern, dtype, batch_shape, inp_groups, out, seed, with_bias):
-    p = Pattern.parse(pattern)
-    g = torch.Generator().manual_seed(seed)
-    inp = inp_groups * p.m
-    w = torch.randn(out, inp, generator=g).to(dtype)
-    x = torch.randn(*batch_shape, inp, generator=g).to(dtype)
-    b = torch.randn(out, generator=g).to(dtype) if with_bias else None
-    return p, pack_nm(w, p), x, b
 
 
 def _assert_matches_fp64(y, x, packed, b):

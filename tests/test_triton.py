@@ -28,8 +28,7 @@ import nmfx.inference_ops as ops  # noqa: E402
 from nmfx.inference_ops import nm_linear_reference  # noqa: E402
 from nmfx.kernels import triton_nm  # noqa: E402
 from nmfx.kernels.triton_nm import nm_linear_triton  # noqa: E402
-from nmfx.packed import pack_nm  # noqa: E402
-from nmfx.pattern import Pattern  # noqa: E402
+from tests.nm_cases import random_case as _case  # noqa: E402
 
 PATTERNS = ["2:4", "1:4", "2:8", "1:8", "1:16", "1:32", "3:8"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -57,20 +56,6 @@ def test_interpreter_tests_in_subprocess():
     tail = (res.stdout[-8000:] + "\n" + res.stderr[-4000:]).strip()
     assert res.returncode == 0, f"interpreter tests failed (rc={res.returncode}):\n{tail}"
     assert " passed" in res.stdout and " failed" not in res.stdout, tail
-
-
-def _case(pattern, dtype, batch_shape, inp_groups, out, seed, with_bias, device="cpu"):
-    p = Pattern.parse(pattern)
-    g = torch.Generator().manual_seed(seed)
-    inp = inp_groups * p.m
-    w = torch.randn(out, inp, generator=g).to(dtype)
-    x = torch.randn(*batch_shape, inp, generator=g).to(dtype)
-    b = torch.randn(out, generator=g).to(dtype) if with_bias else None
-    packed = pack_nm(w, p)
-    if device != "cpu":
-        packed, x = packed.to(device), x.to(device)
-        b = None if b is None else b.to(device)
-    return p, packed, x, b
 
 
 def _assert_matches(y, x, packed, b, idx=None, bits=None):
