@@ -350,7 +350,7 @@ def run_one(spec: RunSpec, task, fwd, diag_points: int = 100, curve_points: int 
     for t in range(spec.steps):
         opt.zero_grad(set_to_none=True)
         now = nmfx.stats(model, per_layer=False)  # what this step's forward uses (no grads: cheap)
-        f, fw = step_flops(fwd, now["nmfx/alpha"], 1.0 - now["nmfx/sparsity"])
+        f, fw = step_flops(fwd, now["nmfx/alpha"], 1.0 - now["nmfx/mask_sparsity"])
         flops += f
         flops_wgrad += fw
         loss = task.loss(model, task.batch(gen))
@@ -359,7 +359,7 @@ def run_one(spec: RunSpec, task, fwd, diag_points: int = 100, curve_points: int 
             s = nmfx.stats(model, per_layer=False)
             kept = s.get("nmfx/grad_norm_kept", float("nan"))
             ratio = s.get("nmfx/grad_norm_pruned", float("nan")) / kept if kept else float("nan")
-            diag.append([t, ratio, s["nmfx/flip_rate"], s["nmfx/alpha"], s["nmfx/sparsity"]])
+            diag.append([t, ratio, s["nmfx/flip_rate"], s["nmfx/alpha"], s["nmfx/mask_sparsity"]])
         opt.step()
         sched.step()
         nmfx.step(model)
@@ -368,10 +368,10 @@ def run_one(spec: RunSpec, task, fwd, diag_points: int = 100, curve_points: int 
             break
         if t + 1 in curve_at and t + 1 < spec.steps:
             s = nmfx.stats(model, per_layer=False)
-            curve.append([t + 1, flops, task.evaluate(model), s["nmfx/alpha"], s["nmfx/sparsity"]])
+            curve.append([t + 1, flops, task.evaluate(model), s["nmfx/alpha"], s["nmfx/mask_sparsity"]])
     metric = task.evaluate(model)
     end = nmfx.stats(model, per_layer=False)
-    curve.append([spec.steps, flops, metric, end["nmfx/alpha"], end["nmfx/sparsity"]])
+    curve.append([spec.steps, flops, metric, end["nmfx/alpha"], end["nmfx/mask_sparsity"]])
     wall = time.perf_counter() - start
     k = max(1, len(losses) // 10)
     proj, other = fwd

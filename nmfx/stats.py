@@ -2,7 +2,10 @@
 
 Per sparsified weight ``<name>`` and overall (``nmfx/...``):
 
-* ``sparsity``: fraction of the weight the current hard mask prunes (``1 - N_t/M_t``);
+* ``sparsity``: the *effective* sparsity — the fraction of the weight the forward really zeroes: the
+  mask's sparsity when ``alpha == 0``, and 0 while ``alpha > 0`` (MDGF decay, any dense warm-up, the
+  ``dense`` method), where pruned weights still contribute ``alpha * W``;
+* ``mask_sparsity``: the fraction the current N_t:M_t mask marks as pruned (``1 - N_t/M_t``), whatever alpha;
 * ``alpha``, ``n``, ``m``: the MDGF decay and the N_t:M_t of the mask at the current step;
 * ``flip_rate``: fraction of mask entries that changed at the last refresh;
 * ``grad_norm_pruned`` / ``grad_norm_kept``: L2 norm of the gradient on the dense weight over the
@@ -53,7 +56,8 @@ def stats(model: nn.Module, per_layer: bool = True, prefix: str = "nmfx/") -> di
     for (name, state), (sparsity, alpha, flips, g_pruned, g_kept), size in zip(names, values, sizes):
         pattern = state.schedule.pattern
         if per_layer:
-            out.update({f"{prefix}{name}/sparsity": sparsity, f"{prefix}{name}/alpha": alpha,
+            out.update({f"{prefix}{name}/sparsity": _effective(sparsity, alpha),
+                        f"{prefix}{name}/mask_sparsity": sparsity, f"{prefix}{name}/alpha": alpha,
                         f"{prefix}{name}/n": float(pattern.n), f"{prefix}{name}/m": float(pattern.m),
                         f"{prefix}{name}/flip_rate": flips})
         if g_pruned == g_pruned:  # not NaN: a gradient was present
@@ -63,7 +67,8 @@ def stats(model: nn.Module, per_layer: bool = True, prefix: str = "nmfx/") -> di
             if per_layer:
                 out[f"{prefix}{name}/grad_norm_pruned"] = max(g_pruned, 0.0) ** 0.5
                 out[f"{prefix}{name}/grad_norm_kept"] = g_kept ** 0.5
-    out[f"{prefix}sparsity"] = sum(v[0] * s for v, s in zip(values, sizes)) / total
+    out[f"{prefix}sparsity"] = sum(_effective(v[0], v[1]) * s for v, s in zip(values, sizes)) / total
+    out[f"{prefix}mask_sparsity"] = sum(v[0] * s for v, s in zip(values, sizes)) / total
     out[f"{prefix}flip_rate"] = sum(v[2] * s for v, s in zip(values, sizes)) / total
     out[f"{prefix}alpha"] = values[0][1]
     out[f"{prefix}step"] = float(names[0][1].step)
@@ -71,3 +76,8 @@ def stats(model: nn.Module, per_layer: bool = True, prefix: str = "nmfx/") -> di
         out[f"{prefix}grad_norm_pruned"] = max(pruned_sq, 0.0) ** 0.5
         out[f"{prefix}grad_norm_kept"] = kept_sq ** 0.5
     return out
+
+
+def _effective(mask_sparsity: float, alpha: float) -> float:
+    """The fraction of weights the forward zeroes: none while pruned weights still count ``alpha * W``."""
+    return mask_sparsity if alpha == 0.0 else 0.0

@@ -222,7 +222,8 @@ def test_stats_hand_computed():
     # mask: row0 keeps -3 (pos 1) and 0.5 (pos 2); row1 keeps 2 (pos 0) and 4 (pos 3)
     kept = [4.0, 1.0, 0.0, 2.0]
     pruned = [3.0, 2.0, 1.0, 2.0]
-    assert s["nmfx/0.weight/sparsity"] == 0.5 and s["nmfx/sparsity"] == 0.5
+    assert s["nmfx/0.weight/mask_sparsity"] == 0.5 and s["nmfx/mask_sparsity"] == 0.5
+    assert s["nmfx/0.weight/sparsity"] == 0.0 and s["nmfx/sparsity"] == 0.0  # alpha = 1: the forward is dense
     assert s["nmfx/0.weight/alpha"] == 1.0 and (s["nmfx/0.weight/n"], s["nmfx/0.weight/m"]) == (1.0, 2.0)
     assert s["nmfx/0.weight/flip_rate"] == 0.0
     assert s["nmfx/0.weight/grad_norm_kept"] == pytest.approx(sum(v * v for v in kept) ** 0.5)
@@ -233,5 +234,8 @@ def test_stats_hand_computed():
     s = nmfx.stats(model)
     assert s["nmfx/0.weight/flip_rate"] == pytest.approx(2 / 8)
     assert s["nmfx/0.weight/alpha"] == pytest.approx(0.5) and s["nmfx/step"] == 1.0  # decays over 2 of 4 steps
+    nmfx.step(model)
+    s = nmfx.stats(model)
+    assert s["nmfx/0.weight/alpha"] == 0.0 and s["nmfx/sparsity"] == 0.5 == s["nmfx/mask_sparsity"]  # hard mask
     model[0].weight.grad = None
     assert "nmfx/grad_norm_kept" not in nmfx.stats(model)
