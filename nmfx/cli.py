@@ -1,11 +1,14 @@
-"""``python -m nmfx``: ``demo`` (train dense vs N:M on the built-in digits, then compare inference
-speed), ``inspect`` (sparsify a model spec; print the report and the rewritten graphs) and ``bench``
-(per-layer inference speed on this machine)."""
+"""``python -m nmfx`` / ``nmfx``: ``demo`` (train dense vs N:M on the built-in digits, then compare
+inference speed), ``inspect`` (sparsify a model spec — any transformers architecture, a config file, a
+torchvision model or a factory — and print the report and the rewritten graphs) and ``bench``
+(per-layer inference speed on this machine). Options are validated before any work starts."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -25,22 +28,33 @@ _TRANSFORMERS = {
     "vit": ("ViTForImageClassification", "ViTConfig", dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
                                                            num_attention_heads=4, intermediate_size=128, num_labels=10)),
 }
+#: Small sizes for any other transformers architecture (applied to the keys its config has).
+_SMALL = {"num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "num_decoder_layers": 2, "hidden_size": 64,
+          "n_embd": 64, "d_model": 64, "intermediate_size": 128, "n_inner": 128, "d_ff": 128, "ffn_dim": 128,
+          "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+          "d_kv": 16, "vocab_size": 256}
+#: Model heads tried, in order, for an architecture named without a class.
+_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForImageClassification",
+                 "AutoModelForSequenceClassification", "AutoModel")
+_DESCRIPTION = """nmfx: N:M structured sparsity as torch.fx passes.
+  demo     train a small ViT on the built-in digits, dense vs N:M, and compare inference speed
+  inspect  sparsify a model spec; print the report and the rewritten graphs
+  bench    per-layer inference speed on this machine"""
 
 
-def build_spec(spec: str) -> tuple[nn.Module, Any]:
-    """(model with random weights, example inputs or None) for ``transformers:NAME``,
-    ``torchvision:NAME``, ``nmfx:tinyvit`` or ``package.module:factory``."""
+def build_spec(spec: str, overrides: Optional[dict[str, Any]] = None) -> tuple[nn.Module, Any]:
+    """(model with random weights, example inputs or None) for ``transformers:NAME`` (any architecture
+    name transformers knows, small by default, or a local config file/directory), ``torchvision:NAME``,
+    ``nmfx:tinyvit`` or ``package.module:factory`` (importable from the current directory).
+    ``overrides`` sets transformers config fields (``{"hidden_size": 128}``)."""
     source, _, name = spec.partition(":")
     if not name:
-        raise ValueError(f"model spec {spec!r}: expected SOURCE:NAME, e.g. transformers:gpt2, torchvision:vit_b_16, "
-                         "nmfx:tinyvit or mypackage.models:make_model")
+        raise ValueError(f"model spec {spec!r}: expected SOURCE:NAME, e.g. transformers:gpt2, transformers:mistral, "
+                         "torchvision:vit_b_16, nmfx:tinyvit or mypackage.models:make_model")
+    if overrides and source != "transformers":
+        raise ValueError(f"--config sets transformers config fields; {spec!r} is not a transformers spec")
     if source == "transformers":
-        if name not in _TRANSFORMERS:
-            raise ValueError(f"unknown transformers model {name!r}; built-in small configs: {', '.join(_TRANSFORMERS)}")
-        transformers = importlib.import_module("transformers")
-        transformers.logging.set_verbosity_error()
-        model_cls, config_cls, config = _TRANSFORMERS[name]
-        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config)), None
+        return _build_transformers(name, overrides or {}), None
     if source == "torchvision":
         models = importlib.import_module("torchvision.models")
         model = models.get_model(name, weights=None)
@@ -48,8 +62,72 @@ def build_spec(spec: str) -> tuple[nn.Module, Any]:
     if source == "nmfx" and name == "tinyvit":
         from nmfx.examples import TinyViT
         return TinyViT(), torch.randn(2, 1, 8, 8)
-    factory: Callable[[], nn.Module] = getattr(importlib.import_module(source), name)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the console script, unlike python -m, does not put it there
+    try:
+        factory: Callable[[], nn.Module] = getattr(importlib.import_module(source), name)
+    except ModuleNotFoundError as error:
+        raise ValueError(f"model spec {spec!r}: cannot import {source!r} ({error}); run from the directory that "
+                         "holds it or install it") from error
+    except AttributeError as error:
+        raise ValueError(f"model spec {spec!r}: {source} has no {name!r}") from error
     return factory(), None
+
+
+def _build_transformers(name: str, overrides: dict[str, Any]) -> nn.Module:
+    """A transformers model with random weights: a built-in small config, any architecture name
+    (``AutoConfig.for_model`` with small sizes), or a local config.json / directory."""
+    transformers = importlib.import_module("transformers")
+    transformers.logging.set_verbosity_error()
+    if name in _TRANSFORMERS:
+        model_cls, config_cls, config = _TRANSFORMERS[name]
+        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**config, **overrides}))
+    if os.path.exists(name):
+        config = transformers.AutoConfig.from_pretrained(name)
+        sizes: dict[str, Any] = {}
+    else:
+        try:
+            config = transformers.AutoConfig.for_model(name)
+        except ValueError as error:
+            raise ValueError(f"unknown transformers architecture {name!r} (not a model type transformers "
+                             f"{transformers.__version__} knows, nor a config file or directory); built-in small "
+                             f"configs: {', '.join(_TRANSFORMERS)}") from error
+        sizes = {key: value for key, value in _SMALL.items() if key in config.to_dict()}
+    unknown = sorted(key for key in overrides if key not in config.to_dict())
+    if unknown:  # configs accept any keyword silently; a typo would change nothing
+        raise ValueError(f"--config {unknown[0]}: {type(config).__name__} has no such field")
+    for key, value in {**sizes, **overrides}.items():
+        setattr(config, key, value)
+    classes = [getattr(transformers, arch) for arch in (config.architectures or []) if hasattr(transformers, arch)]
+    classes += [getattr(transformers, auto) for auto in _AUTO_CLASSES]
+    for cls in classes:
+        try:
+            return cls(config) if not cls.__name__.startswith("Auto") else cls.from_config(config)
+        except (ValueError, KeyError):
+            continue
+    raise ValueError(f"no transformers model class builds a {type(config).__name__}")
+
+
+def _config_overrides(pairs: Optional[list[str]]) -> dict[str, Any]:
+    """``["hidden_size=128", "tie_word_embeddings=false"]`` -> typed values (JSON where it parses)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--config takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _check_training_options(pattern: str, method: str, **options: Any) -> None:
+    """Fail before any work when the pattern or method (and its options) cannot be used."""
+    import nmfx
+
+    target = nmfx.Pattern.parse(pattern)
+    nmfx.resolve_method(method, **options).patterns(target)
 
 
 def train_digits(pattern: Optional[str], method: str, steps: int, seed: int = 0, progress: bool = True,
@@ -68,7 +146,8 @@ def train_digits(pattern: Optional[str], method: str, steps: int, seed: int = 0,
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     label = "dense" if pattern is None else f"{pattern} {method}"
-    bar = tqdm(range(steps), desc=f"{label:>12}", disable=not progress, leave=True, ncols=90)
+    # disable=None: tqdm stays silent when stderr is not a terminal (CI logs, pipes)
+    bar = tqdm(range(steps), desc=f"{label:>12}", disable=None if progress else True, leave=True, ncols=90)
     start = time.perf_counter()
     model.train()
     for _ in bar:
@@ -91,6 +170,9 @@ def train_digits(pattern: Optional[str], method: str, steps: int, seed: int = 0,
 def _demo(args: argparse.Namespace) -> int:
     import nmfx
 
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    _check_training_options(args.pattern, args.method, total_steps=args.steps)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"nmfx demo: a small ViT on the built-in 8x8 digits ({args.steps} steps), dense vs {args.pattern} {args.method}\n")
     dense = train_digits(None, args.method, args.steps, progress=not args.quiet)
@@ -151,8 +233,9 @@ def _bench(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     import nmfx
 
-    model, example_inputs = build_spec(args.spec)
-    options = {"total_steps": args.total_steps} if args.method == "sdgf" else {}
+    options = {"total_steps": args.total_steps}
+    _check_training_options(args.pattern, args.method, **options)
+    model, example_inputs = build_spec(args.spec, _config_overrides(args.config))
     nmfx.sparsify(model, args.pattern, args.method, example_inputs=example_inputs,
                   include=args.include, exclude=args.exclude, **options)
     print(nmfx.report(model))
@@ -170,7 +253,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nmfx", description=__doc__)
+    import nmfx
+
+    parser = argparse.ArgumentParser(prog="python -m nmfx", description=_DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"nmfx {nmfx.__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a small ViT on digits, dense vs N:M sparse")
     demo.add_argument("--pattern", default="1:8")
@@ -179,10 +266,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
     inspect = sub.add_parser("inspect", help="sparsify a model spec; print the report and rewritten graphs")
-    inspect.add_argument("spec", help="transformers:gpt2|llama|bert|t5|vit, torchvision:NAME, nmfx:tinyvit or pkg.module:factory")
+    inspect.add_argument("spec", help="transformers:NAME (gpt2, llama, mistral, ...: any architecture, small by default; "
+                         "or a config.json path), torchvision:NAME, nmfx:tinyvit or pkg.module:factory")
+    inspect.add_argument("--config", action="append", metavar="KEY=VALUE",
+                         help="set a transformers config field, e.g. --config hidden_size=256 (repeatable)")
     inspect.add_argument("--pattern", default="1:8")
-    inspect.add_argument("--method", default="ste")
-    inspect.add_argument("--total-steps", type=int, default=1000, help="for methods with schedules (sdgf)")
+    inspect.add_argument("--method", default="sdgf", help="as nmfx.sparsify's method= (default sdgf, as sparsify)")
+    inspect.add_argument("--total-steps", type=int, default=1000, help="the schedule's length (total_steps=)")
     inspect.add_argument("--include", action="append")
     inspect.add_argument("--exclude", action="append")
     inspect.add_argument("--graphs", type=int, default=1, help="how many rewritten graphs to print")
