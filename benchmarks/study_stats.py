@@ -1,0 +1,166 @@
+"""Paired significance tests for the accuracy study, from its JSON (no training).
+
+    python benchmarks/study_stats.py                                   # benchmarks/results/accuracy.json
+    python benchmarks/study_stats.py a.json --out benchmarks/results/accuracy_stats
+
+For every (budget, task, pattern, recipe) cell the recipe is compared with SR-STE run on the same seeds
+(``budget="steps"``: the same number of steps; ``"flops"``: the recipe shortened to SR-STE's FLOPs). The
+per-seed differences are oriented so that positive means *the recipe is better* (accuracy: recipe −
+SR-STE; perplexity: SR-STE − recipe). Each cell gets the mean difference, a 95 % t confidence interval,
+the exact two-sided paired t-test p-value (and Wilcoxon's signed-rank p where it exists), and Holm's
+step-down correction across every cell of the same budget. A cell is a **win** or a **loss** only when its
+Holm-corrected p is below ``--alpha`` (0.05) *and* it has at least ``--min-seeds`` (5) seeds; otherwise it is
+a trend at most. With 3 seeds a paired test
+has 2 degrees of freedom and Wilcoxon's smallest possible p is 0.25, so only large, consistent effects can
+pass.
+
+Writes ``<out>.json`` (every cell) and ``<out>.md`` (the tables) and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections import defaultdict
+from typing import Any, Iterable, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_JSON = os.path.join(HERE, "results", "accuracy.json")
+DEFAULT_OUT = os.path.join(HERE, "results", "accuracy_stats")
+BASELINE = ("srste", None)
+PATTERN_ORDER = ["2:4", "1:4", "2:8", "1:8", "1:16", "1:32"]
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (same order as the input; monotone, capped at 1)."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [0.0] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def paired_test(differences: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample SD, 95 % t CI, exact two-sided paired t-test p and Wilcoxon p of per-seed differences."""
+    from scipy import stats as sps
+
+    n = len(differences)
+    mean = sum(differences) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1)) if n > 1 else float("nan")
+    se = sd / math.sqrt(n) if n > 1 else float("nan")
+    if n < 2:
+        p_t, half = float("nan"), float("nan")
+    elif sd == 0.0:
+        p_t, half = (1.0 if mean == 0.0 else 0.0), 0.0
+    else:
+        t = mean / se
+        p_t = float(2 * sps.t.sf(abs(t), n - 1))
+        half = float(sps.t.ppf(0.975, n - 1) * se)
+    nonzero = [d for d in differences if d != 0.0]
+    p_w = float(sps.wilcoxon(nonzero, method="exact").pvalue) if len(nonzero) >= 1 else 1.0
+    return {"n": n, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half], "p_t": p_t, "p_wilcoxon": p_w}
+
+
+def _key(run: dict[str, Any]) -> tuple:
+    variant = run.get("variant")
+    return run["budget"], run["task"], run["pattern"], run["method"], variant if variant is None else str(variant)
+
+
+def cells(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One dict per (budget, task, pattern, recipe) compared with SR-STE at equal steps on shared seeds."""
+    metric: dict[tuple, dict[int, float]] = defaultdict(dict)
+    higher_better: dict[str, bool] = {}
+    for run in runs:
+        if run.get("pattern") is None:
+            continue
+        metric[_key(run)][run["seed"]] = run["metric"]
+        higher_better[run["task"]] = run["metric_name"] == "accuracy"
+    out = []
+    for key, by_seed in metric.items():
+        budget, task, pattern, method, variant = key
+        if (method, variant) == BASELINE:
+            continue
+        baseline = metric.get(("steps", task, pattern) + BASELINE, {})
+        seeds = sorted(set(by_seed) & set(baseline))
+        if len(seeds) < 2:
+            continue
+        sign = 1.0 if higher_better[task] else -1.0
+        diffs = [sign * (by_seed[s] - baseline[s]) for s in seeds]
+        out.append({"budget": budget, "task": task, "pattern": pattern, "method": method, "variant": variant,
+                    "seeds": seeds, "differences": diffs, **paired_test(diffs)})
+    for budget in {c["budget"] for c in out}:
+        family = [c for c in out if c["budget"] == budget]
+        for cell, p in zip(family, holm([c["p_t"] for c in family])):
+            cell["p_holm"] = p
+    out.sort(key=lambda c: (c["budget"] != "steps", c["task"], PATTERN_ORDER.index(c["pattern"])
+                            if c["pattern"] in PATTERN_ORDER else 99, c["method"], str(c["variant"])))
+    return out
+
+
+def verdict(cell: dict[str, Any], alpha: float, min_seeds: int) -> str:
+    """win / loss only when Holm-significant on enough seeds; else what the data allows saying."""
+    direction = "better" if cell["mean"] > 0 else "worse"
+    if cell["p_holm"] < alpha:
+        if cell["n"] >= min_seeds:
+            return "**win**" if cell["mean"] > 0 else "**loss**"
+        return f"trend, {direction} (Holm p < {alpha} but only {cell['n']} < {min_seeds} seeds)"
+    if cell["p_t"] < alpha:
+        return f"trend, {direction} (not significant after Holm)"
+    return "no evidence"
+
+
+def markdown(all_cells: list[dict[str, Any]], alpha: float, min_seeds: int) -> str:
+    lines = []
+    for budget in ("steps", "flops"):
+        family = [c for c in all_cells if c["budget"] == budget]
+        if not family:
+            continue
+        title = "equal steps" if budget == "steps" else "equal training FLOPs (recipe shortened to SR-STE's FLOPs)"
+        lines += [f"**vs SR-STE, {title}** — {len(family)} cells, Holm-corrected within this table; difference "
+                  "> 0 means the recipe is better (vision: test accuracy as a fraction; LM: validation perplexity)", "",
+                  "| task | pattern | recipe | seeds | mean diff | 95 % CI | p (paired t) | p (Holm) | p (Wilcoxon) | verdict |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for c in family:
+            recipe = f"{c['method']} {c['variant']}" if c["variant"] else c["method"]
+            lo, hi = c["ci95"]
+            lines.append(f"| {c['task']} | {c['pattern']} | {recipe} | {c['n']} | {c['mean']:+.3f} | "
+                         f"[{lo:+.3f}, {hi:+.3f}] | {c['p_t']:.3f} | {c['p_holm']:.3f} | {c['p_wilcoxon']:.3f} | "
+                         f"{verdict(c, alpha, min_seeds)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", nargs="*", default=[DEFAULT_JSON], help="accuracy.json files (records are merged)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="writes OUT.json and OUT.md")
+    parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument("--min-seeds", type=int, default=5, help="fewer seeds than this never make a win or loss")
+    args = parser.parse_args(argv)
+    runs = []
+    for path in args.json:
+        with open(path) as f:
+            loaded = json.load(f)
+        runs += loaded["runs"] if isinstance(loaded, dict) else loaded
+    all_cells = cells(runs)
+    if not all_cells:
+        raise SystemExit("no cell has SR-STE and a recipe on at least two shared seeds")
+    text = markdown(all_cells, args.alpha, args.min_seeds)
+    for cell in all_cells:
+        cell["verdict"] = verdict(cell, args.alpha, args.min_seeds).replace("**", "")
+    print(text)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"alpha": args.alpha, "min_seeds": args.min_seeds, "correction": "holm (per budget)",
+                   "test": "paired t, two-sided",
+                   "cells": all_cells}, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
