@@ -1,0 +1,471 @@
+"""``nmfx.prune``: one-shot N:M pruning of a trained model from calibration data.
+
+Criteria (the N:M mask of every weight keeps ``N`` of each group of ``M`` along the input dimension):
+
+* ``"magnitude"``: the largest ``|W_ij|`` (no calibration needed).
+* ``"wanda"`` (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs"): the largest
+  ``|W_ij| * ||X_j||_2``, ``X_j`` the layer's input column ``j`` over every calibration token.
+* ``"sparsegpt"`` (Frantar & Alistarh 2023, "SparseGPT"): the mask is chosen column block by column
+  block with the OBS saliency ``w^2 / [H^-1]_jj`` (``H = X^T X``), and every pruned weight's error is
+  compensated in the not-yet-processed weights of its row through the Cholesky factor of ``H^-1``.
+  Layers are processed one at a time in forward order, each with inputs computed by the already-pruned
+  earlier layers; only one layer's ``H`` is held at a time.
+
+The statistics are collected with forward pre-hooks on the plain model's ``nn.Linear`` /
+``transformers`` ``Conv1D`` modules, before the model is rewritten. Then the pruned weights are set to
+zero (SparseGPT also updates the kept ones) and the model is sparsified in place with
+``nmfx.sparsify(model, pattern, method)``; the masks are the chosen ones.
+
+How masks evolve afterwards: the pruned weights are exactly zero, so the effective weights are the
+dense weights and a mask recomputed from ``|W|`` reproduces the chosen one (up to ties between zeros,
+which leave the effective weights unchanged). ``method="ste"`` (the default) is a finished schedule
+(alpha = 0, target pattern), so ``nmfx.to_inference`` lowers the result without ``force``. Fine-tuning
+with a method that recomputes masks from ``|W|`` (``ste``, ``srste``, ``mdgf``: every ``mask_interval``
+steps) starts from the pruned masks and lets pruned weights grow back where their straight-through
+gradients push them; SR-STE decays them toward zero; MDGF (alpha from 1 to 0) starts from the pruned
+model's forward exactly, since the pruned weights are zero. For a mask that never changes, fine-tune
+with ``method="ste", total_steps=T, fine_tune_steps=T`` (a frozen-mask phase over the whole run).
+To fine-tune with another method after pruning with ``ste``: ``nmfx.to_dense`` then ``nmfx.sparsify``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import sys
+import warnings
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from nmfx.api import record, sparsify, states
+from nmfx.methods import Method, resolve_method
+from nmfx.pattern import Pattern, PatternLike, nm_mask
+
+__all__ = ["prune", "CRITERIA", "sparsegpt_prune", "wanda_mask"]
+
+CRITERIA = ("magnitude", "wanda", "sparsegpt")
+
+#: SparseGPT's defaults (Frantar & Alistarh 2023): dampening as a fraction of the mean diagonal of H,
+#: and the width of the column blocks whose error is propagated lazily.
+DEFAULT_PERCDAMP = 0.01
+DEFAULT_BLOCKSIZE = 128
+#: When the damped Hessian is not positive definite, the dampening is multiplied by 10 up to this.
+_MAX_PERCDAMP = 10.0
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a calibration forward once the layer of interest has seen its input."""
+
+
+def prune(
+    model: nn.Module,
+    pattern: PatternLike = "2:4",
+    calibration: Any = None,
+    criterion: str = "magnitude",
+    *,
+    method: Union[str, Method] = "ste",
+    include: Optional[Union[str, Sequence[str]]] = None,
+    exclude: Optional[Union[str, Sequence[str]]] = None,
+    example_inputs: Any = None,
+    percdamp: Optional[float] = None,
+    blocksize: Optional[int] = None,
+    progress: Optional[bool] = None,
+    **method_options: Any,
+) -> nn.Module:
+    """Prune ``model`` one-shot to ``pattern`` and return it sparsified **in place** (as ``nmfx.sparsify``).
+
+    Args:
+        model: a trained, not yet sparsified model.
+        pattern: the N:M pattern, e.g. ``"2:4"``, ``"1:8"``.
+        calibration: the calibration inputs, run through ``model`` as they are (moved to the model's
+            device): an iterable (a list, a ``DataLoader``) of batches, each a tuple of positional
+            arguments, a dict of keyword arguments or a single tensor; a lone tensor or dict is one
+            batch. Required by ``"wanda"`` and ``"sparsegpt"``; optional for ``"magnitude"`` (then only
+            checked).
+        criterion: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
+        method: the method of the returned model (``"ste"``: a finished schedule; any other to fine-tune
+            with it, with ``**method_options`` such as ``total_steps``).
+        include, exclude, example_inputs: as for ``nmfx.sparsify`` (which weights are pruned).
+        percdamp: SparseGPT dampening, a fraction of the mean diagonal of ``H`` (default 0.01).
+        blocksize: SparseGPT column block width, a multiple of ``M`` (default 128, or ``M`` if larger).
+        progress: show a progress bar over layers (default: when stderr is a terminal).
+
+    Raises:
+        ValueError: bad calibration data (empty, not batches, non-finite values, a forward that fails
+            or produces non-finite activations), a layer the criterion cannot hook, or options that do
+            not fit. The model is then left exactly as it was.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"nmfx.prune expects a torch.nn.Module, got {type(model).__name__}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; valid criteria: {', '.join(CRITERIA)}")
+    pattern = Pattern.parse(pattern)
+    resolved = resolve_method(method, **method_options)
+    if criterion != "sparsegpt" and (percdamp is not None or blocksize is not None):
+        raise ValueError(f"percdamp= and blocksize= are SparseGPT options; criterion={criterion!r} takes neither")
+    percdamp = DEFAULT_PERCDAMP if percdamp is None else percdamp
+    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 <= percdamp < _MAX_PERCDAMP:
+        raise ValueError(f"percdamp must be a number in [0, {_MAX_PERCDAMP}), got {percdamp!r}")
+    blocksize = _blocksize(blocksize, pattern)
+    if calibration is None and criterion != "magnitude":
+        raise ValueError(f"criterion={criterion!r} needs calibration data: pass calibration=<batches of model inputs> "
+                         "(e.g. a few hundred sequences of training text), or use criterion='magnitude'")
+    batches = None if calibration is None else _batches(calibration, _device(model))
+
+    plan = _plan(model, pattern, resolved, include, exclude, example_inputs)
+    layers = {name: _Layer.of(model, name, dim) for name, dim in plan.items()}
+    if criterion != "magnitude":
+        unhookable = [name for name, layer in layers.items() if layer.kind is None]
+        if unhookable:
+            raise ValueError(f"criterion={criterion!r} reads each layer's input from an nn.Linear or transformers Conv1D "
+                             f"module; {len(unhookable)} selected weights are used otherwise (e.g. {unhookable[0]}): "
+                             "exclude them (exclude=[...]) or use criterion='magnitude'")
+
+    was_training = model.training
+    backups: dict[str, Tensor] = {}
+    try:
+        model.eval()
+        order, once = _check_pass(model, batches, layers, want_norms=criterion == "wanda") if batches else (list(layers), {})
+        bar = _progress(order, progress, f"nmfx.prune ({criterion}, {pattern})")
+        masks: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for name in bar:
+                layer = layers[name]
+                weight = layer.matrix()  # [out, in] float32 copy
+                if criterion == "magnitude":
+                    new, keep = _masked(weight, nm_mask(weight, pattern))
+                elif criterion == "wanda":
+                    new, keep = _masked(weight, wanda_mask(weight, layer.column_sq, pattern))
+                else:
+                    hessian = _hessian(model, batches, layer, stop_early=once.get(name, False))
+                    new, keep = sparsegpt_prune(weight, hessian, pattern, percdamp=percdamp, blocksize=blocksize, name=name)
+                    del hessian
+                backups[name] = layer.param.detach().clone()
+                layer.write(new)
+                masks[name] = keep
+        model.train(was_training)
+        sparsify(model, pattern, resolved, example_inputs=example_inputs, include=include, exclude=exclude)
+    except BaseException:
+        with torch.no_grad():
+            for name, original in backups.items():
+                layers[name].param.copy_(original)
+        model.train(was_training)
+        raise
+    found = states(model)
+    with torch.no_grad():
+        for name, keep in masks.items():
+            state = found[name]
+            if state.schedule.pattern == pattern:  # e.g. SDGF starts from a denser pattern: keep its own mask
+                state.mask.copy_(keep if state.dim == 1 else keep.T)
+    return model
+
+
+def wanda_mask(weight: Tensor, column_sq: Tensor, pattern: PatternLike) -> Tensor:
+    """Wanda's N:M mask of an ``[out, in]`` weight: the top-N of ``|W_ij| * sqrt(column_sq_j)`` in every
+    group of M along the input (``column_sq_j = sum over tokens of X_tj^2``); ties go to the lower index."""
+    score = weight.abs().float() * column_sq.float().sqrt().unsqueeze(0)
+    return nm_mask(score, pattern, dim=1)
+
+
+def sparsegpt_prune(weight: Tensor, hessian: Tensor, pattern: PatternLike, *, percdamp: float = DEFAULT_PERCDAMP,
+                    blocksize: int = DEFAULT_BLOCKSIZE, name: str = "weight") -> tuple[Tensor, Tensor]:
+    """SparseGPT on one ``[out, in]`` weight with ``hessian = X^T X`` (``[in, in]``): (new weight, N:M mask).
+
+    Computed in float32. Inputs that never fire (``H_jj == 0``) get ``H_jj = 1`` and their weights are
+    zeroed (they contribute nothing). ``percdamp * mean(diag H)`` is added to the diagonal; when that is
+    not enough for a Cholesky factorization, the dampening is raised tenfold (with a warning) up to
+    ``percdamp = 10``, then a ValueError.
+    """
+    pattern = Pattern.parse(pattern)
+    n, m = pattern.n, pattern.m
+    W = weight.detach().float().clone()
+    rows, cols = W.shape
+    if cols % m or blocksize % m:
+        raise ValueError(f"{name}: input dim {cols} and blocksize {blocksize} must be multiples of M={m}")
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"{name}: the Hessian has shape {tuple(hessian.shape)}, expected {(cols, cols)}")
+    H = hessian.detach().float().clone()
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    W[:, dead] = 0.0
+    U = _inverse_cholesky(H, percdamp, name)  # upper factor of H^-1: U^T U = H^-1
+    del H
+    keep = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        block = W[:, start:end].clone()
+        factor = U[start:end, start:end]
+        errors = torch.zeros_like(block)
+        for j in range(end - start):
+            if j % m == 0:  # choose this group's N survivors with the weights as updated so far
+                saliency = block[:, j:j + m].square() / factor.diagonal()[j:j + m].square().unsqueeze(0)
+                keep[:, start + j:start + j + m] = nm_mask(saliency, pattern, dim=1)
+            column = block[:, j]
+            kept = torch.where(keep[:, start + j], column, torch.zeros_like(column))
+            error = (column - kept) / factor[j, j]
+            block[:, j:].sub_(error.unsqueeze(1) * factor[j, j:].unsqueeze(0))
+            block[:, j] = kept
+            errors[:, j] = error
+        W[:, start:end] = block
+        W[:, end:].sub_(errors @ U[start:end, end:])
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{name}: SparseGPT produced non-finite weights (an ill-conditioned Hessian?); "
+                         "raise percdamp= or use criterion='wanda'")
+    return W.masked_fill_(~keep, 0.0), keep
+
+
+# -- layers -------------------------------------------------------------------------------------------
+
+class _Layer:
+    """One weight to prune: its module, the parameter, and how its matrix is oriented."""
+
+    def __init__(self, name: str, module: nn.Module, param: nn.Parameter, dim: int, kind: Optional[str]) -> None:
+        self.name, self.module, self.param, self.dim, self.kind = name, module, param, dim, kind
+        self.column_sq: Optional[Tensor] = None
+
+    @classmethod
+    def of(cls, model: nn.Module, name: str, dim: int) -> "_Layer":
+        owner_name, _, param_name = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        param = owner.get_parameter(param_name)
+        if param.dim() != 2:
+            raise ValueError(f"nmfx.prune handles 2-D weights; {name} has shape {tuple(param.shape)}")
+        kind = None
+        if param_name == "weight":
+            if isinstance(owner, nn.Linear) and dim == 1:
+                kind = "linear"
+            elif type(owner).__name__ == "Conv1D" and type(owner).__module__.startswith("transformers") and dim == 0:
+                kind = "conv1d"
+        return cls(name, owner, param, dim, kind)
+
+    @property
+    def in_features(self) -> int:
+        return self.param.shape[self.dim]
+
+    def matrix(self) -> Tensor:
+        """The weight as a float32 ``[out, in]`` copy."""
+        w = self.param.detach().float()
+        return (w if self.dim == 1 else w.T).clone()
+
+    def write(self, matrix: Tensor) -> None:
+        self.param.copy_(matrix if self.dim == 1 else matrix.T)
+
+
+def _masked(weight: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    return weight.masked_fill(~keep, 0.0), keep
+
+
+def _inverse_cholesky(H: Tensor, percdamp: float, name: str) -> Tensor:
+    mean_diag = H.diagonal().mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    damp = percdamp
+    while True:
+        lower, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                if damp != percdamp:
+                    warnings.warn(f"nmfx.prune: {name}: the Hessian needed percdamp={damp:g} (asked {percdamp:g}) "
+                                  "to be positive definite", stacklevel=3)
+                return upper
+        damp = max(damp * 10, 1e-4)
+        if damp > _MAX_PERCDAMP:
+            raise ValueError(f"{name}: the calibration Hessian X^T X is not positive definite even with "
+                             f"percdamp={_MAX_PERCDAMP:g}; use more calibration data or criterion='wanda'")
+
+
+def _blocksize(blocksize: Optional[int], pattern: Pattern) -> int:
+    if blocksize is None:
+        return math.ceil(DEFAULT_BLOCKSIZE / pattern.m) * pattern.m
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1 or blocksize % pattern.m:
+        raise ValueError(f"blocksize must be a positive multiple of M={pattern.m} (pattern {pattern}), got {blocksize!r}")
+    return blocksize
+
+
+# -- plan: which weights nmfx.sparsify would rewrite ----------------------------------------------------
+
+def _plan(model: nn.Module, pattern: Pattern, method: Method, include, exclude, example_inputs) -> dict[str, int]:
+    """``{weight name: group dim}`` that ``sparsify`` chooses, from a dry run on a copy of the module tree
+    that shares (and never changes) the model's tensors."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    shadow = copy.deepcopy(model, shared)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparsify(shadow, pattern, method, example_inputs=example_inputs, include=include, exclude=exclude)
+    plan = {name: state.dim for name, state in states(shadow).items()}
+    if not plan:
+        reasons = sorted({f"{row.name}: {row.reason}" for row in record(shadow).rows})
+        raise ValueError(f"nmfx.prune: nothing in {type(model).__name__} would be sparsified at {pattern} "
+                         f"(check include=/exclude=): {'; '.join(reasons)[:400]}")
+    return plan
+
+
+# -- calibration ----------------------------------------------------------------------------------------
+
+_Batch = tuple[tuple, dict]
+
+
+def _batches(calibration: Any, device: torch.device) -> list[_Batch]:
+    """The calibration batches as ``(args, kwargs)``, checked (non-empty, finite) and on ``device``."""
+    if isinstance(calibration, (Tensor, Mapping)):
+        calibration = [calibration]
+    if isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
+        raise ValueError(f"calibration must be an iterable of batches (a list or a DataLoader), got "
+                         f"{type(calibration).__name__}")
+    batches = []
+    for i, item in enumerate(calibration):
+        if isinstance(item, Tensor):
+            args, kwargs = (item,), {}
+        elif isinstance(item, Mapping):
+            if not all(isinstance(k, str) for k in item):
+                raise ValueError(f"calibration batch {i} is a dict with non-string keys; keyword arguments need names")
+            args, kwargs = (), dict(item)
+        elif isinstance(item, (tuple, list)):
+            args, kwargs = tuple(item), {}
+        else:
+            raise ValueError(f"calibration batch {i} is a {type(item).__name__}; each batch must be a tuple of "
+                             "positional arguments, a dict of keyword arguments or a tensor")
+        for where, value in _tensors(args, kwargs):
+            if value.is_floating_point() or value.is_complex():
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"calibration batch {i}, argument {where}: contains NaN or infinite values")
+        batches.append((_to(args, device), _to(kwargs, device)))
+    if not batches:
+        raise ValueError("calibration is empty: pass at least one batch of model inputs")
+    return batches
+
+
+def _tensors(args: tuple, kwargs: dict):
+    stack = [(str(i), a) for i, a in enumerate(args)] + [(repr(k), v) for k, v in kwargs.items()]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, Tensor):
+            yield where, value
+        elif isinstance(value, (tuple, list)):
+            stack += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, Mapping):
+            stack += [(f"{where}[{k!r}]", v) for k, v in value.items()]
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _device(model: nn.Module) -> torch.device:
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _forward(model: nn.Module, batches: list[_Batch]) -> None:
+    """Run every batch through ``model`` (no grad); a failing batch becomes a ValueError naming it."""
+    with torch.no_grad():
+        for i, (args, kwargs) in enumerate(batches):
+            try:
+                model(*args, **kwargs)
+            except _StopForward:
+                pass
+            except Exception as error:
+                raise ValueError(f"calibration batch {i} does not run through {type(model).__name__} "
+                                 f"({type(error).__name__}: {str(error)[:300]}); pass the model's own inputs "
+                                 "(a tuple of positional arguments or a dict of keyword arguments per batch)") from error
+
+
+def _input_of(layer: _Layer, args: tuple, kwargs: dict) -> Tensor:
+    x = args[0] if args else next(iter(kwargs.values()))
+    if not isinstance(x, Tensor) or x.shape[-1] != layer.in_features:
+        raise ValueError(f"{layer.name}: its input has shape {tuple(getattr(x, 'shape', ()))}, expected "
+                         f"[..., {layer.in_features}]")
+    return x.detach().reshape(-1, layer.in_features).float()
+
+
+def _check_pass(model: nn.Module, batches: list[_Batch], layers: dict[str, "_Layer"],
+                want_norms: bool) -> tuple[list[str], dict[str, bool]]:
+    """One pass over the calibration data: checks it runs and keeps activations finite; returns the layers
+    in the order they first run and whether each runs exactly once per batch; with ``want_norms`` also
+    each layer's per-input-column sum of squares (Wanda)."""
+    order: list[str] = []
+    calls: dict[str, int] = {name: 0 for name in layers}
+    handles = []
+
+    def hook_for(layer: _Layer):
+        def hook(module, args, kwargs):
+            x = _input_of(layer, args, kwargs)
+            if not torch.isfinite(x).all():
+                raise _NonFinite(layer.name)
+            if calls[layer.name] == 0:
+                order.append(layer.name)
+            calls[layer.name] += 1
+            if want_norms:
+                sq = x.square().sum(0)
+                layer.column_sq = sq if layer.column_sq is None else layer.column_sq + sq
+        return hook
+
+    try:
+        for layer in layers.values():
+            layer.column_sq = None
+            handles.append(layer.module.register_forward_pre_hook(hook_for(layer), with_kwargs=True))
+        try:
+            _forward(model, batches)
+        except ValueError as error:
+            if isinstance(error.__cause__, _NonFinite):
+                raise ValueError(f"calibration makes the input of {error.__cause__.args[0]} non-finite (NaN or inf "
+                                 "activations); check the model and the calibration data") from None
+            raise
+    finally:
+        for handle in handles:
+            handle.remove()
+    never = [name for name, count in calls.items() if count == 0]
+    if never:
+        raise ValueError(f"{len(never)} selected layers never ran on the calibration data (e.g. {never[0]}); "
+                         "exclude them (exclude=[...]) or use criterion='magnitude'")
+    once = {name: count == len(batches) for name, count in calls.items()}
+    return order, once
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def _hessian(model: nn.Module, batches: list[_Batch], layer: _Layer, stop_early: bool) -> Tensor:
+    """``X^T X`` (float32) of ``layer``'s input over the calibration data, with the model as it is now
+    (earlier layers already pruned). Ends each forward at the layer when it runs once per batch."""
+    H = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float32, device=layer.param.device)
+
+    def hook(module, args, kwargs):
+        x = _input_of(layer, args, kwargs)
+        H.addmm_(x.T, x)
+        if stop_early:
+            raise _StopForward
+
+    handle = layer.module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        _forward(model, batches)
+    finally:
+        handle.remove()
+    if not torch.isfinite(H).all():
+        raise ValueError(f"{layer.name}: the calibration Hessian is not finite (activations overflow after the "
+                         "earlier layers were pruned?); use criterion='wanda' or fewer/shorter calibration batches")
+    return H
+
+
+def _progress(items: list[str], enabled: Optional[bool], description: str):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: no bar
+        return items
+    return tqdm(items, desc=description, unit="layer")

@@ -1,0 +1,348 @@
+"""nmfx.prune: one-shot N:M pruning (magnitude, Wanda, SparseGPT) from calibration data."""
+
+import importlib
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import nmfx
+from nmfx.examples import TinyViT
+from nmfx.prune import sparsegpt_prune, wanda_mask
+
+prune_module = importlib.import_module("nmfx.prune")  # ``nmfx.prune`` is the function
+
+CRITERIA = ("magnitude", "wanda", "sparsegpt")
+
+
+def _vit(seed: int = 0) -> TinyViT:
+    torch.manual_seed(seed)
+    return TinyViT(dim=32, depth=2).eval()
+
+
+def _images(batches: int = 3, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(4, 1, 8, 8, generator=gen) for _ in range(batches)]
+
+
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _tokens(batches: int = 3) -> list[dict]:
+    gen = torch.Generator().manual_seed(2)
+    return [{"input_ids": torch.randint(0, 64, (2, 16), generator=gen)} for _ in range(batches)]
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    assert not nmfx.is_sparsified(model) and not nmfx.states(model)
+
+
+class _OneLayer(nn.Module):
+    """One linear layer (its role is "head", so tests pass include="fc")."""
+
+    def __init__(self, inp: int, out: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(inp, out)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def _expected_topn(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The top-n of every group of m along the last dim, by a plain sort (random data: no ties)."""
+    groups = score.reshape(score.shape[0], -1, m)
+    top = groups.argsort(dim=-1, descending=True)[..., :n]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True).reshape(score.shape)
+
+
+# -- masks -----------------------------------------------------------------------------------------
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), pattern=st.sampled_from(["2:4", "1:4", "1:8", "3:8"]))
+def test_wanda_mask_is_the_formula_on_known_inputs(seed, pattern):
+    torch.manual_seed(seed)
+    model = _OneLayer(16, 8)
+    scales = torch.rand(16) * 4  # columns of very different norms, so Wanda differs from magnitude
+    calibration = [torch.randn(5, 16) * scales for _ in range(2)]
+    weight = model.fc.weight.detach().clone()
+    norms = torch.cat(calibration).square().sum(0).sqrt()
+    n, m = map(int, pattern.split(":"))
+    expected = _expected_topn(weight.abs() * norms, n, m)
+    nmfx.prune(model, pattern, calibration, "wanda", include="fc")
+    assert torch.equal(nmfx.masks(model)["fc.weight"], expected)
+    assert torch.equal(model.fc.weight.detach(), weight * expected)  # pruned weights are zero, the rest kept
+    assert torch.equal(wanda_mask(weight, norms.square(), pattern), expected)
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("pattern", ["2:4", "1:8", "3:8"])
+def test_exactly_n_per_group_and_pruned_weights_zero(criterion, pattern):
+    model = nmfx.prune(_vit(), pattern, _images(), criterion)
+    n, m = map(int, pattern.split(":"))
+    found = nmfx.states(model)
+    assert len(found) == 12  # q, k, v, o, up, down of both blocks (the head is skipped, as in sparsify)
+    for name, state in found.items():
+        mask, weight = state.mask, model.get_parameter(name).detach()
+        assert mask.sum(-1).eq(weight.shape[-1] // m * n).all()
+        assert mask.reshape(mask.shape[0], -1, m).sum(-1).eq(n).all(), name
+        assert torch.equal(weight * mask, weight), f"{name}: a pruned weight is not zero"
+    assert nmfx.report(model) is not None
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_gpt2_conv1d_groups_run_along_the_input(criterion):
+    model = nmfx.prune(_gpt2(), "1:8", _tokens(), criterion)
+    found = nmfx.states(model)
+    assert found and all(state.dim == 0 for state in found.values())  # Conv1D weights are [in, out]
+    for name, state in found.items():
+        mask = state.mask.T  # [out, in]
+        assert mask.reshape(mask.shape[0], -1, 8).sum(-1).eq(1).all(), name
+        assert torch.equal(model.get_parameter(name) * state.mask, model.get_parameter(name))
+
+
+def _reconstruction_errors(seed: int, pattern: str) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(seed)
+    inp, out, tokens = 64, 16, 512
+    # Correlated inputs: a rank-8 signal with unequal column scales plus a little noise.
+    basis = torch.randn(8, inp, generator=gen) * (torch.rand(inp, generator=gen) * 3 + 0.1)
+    x = torch.randn(tokens, 8, generator=gen) @ basis + 0.05 * torch.randn(tokens, inp, generator=gen)
+    base = nn.Linear(inp, out, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(out, inp, generator=gen))
+    reference = x @ base.weight.detach().T
+    errors = {}
+    for criterion in CRITERIA:
+        model = _OneLayer(inp, out)
+        with torch.no_grad():
+            model.fc.weight.copy_(base.weight)
+        nmfx.prune(model, pattern, [x[:256], x[256:]], criterion, include="fc")
+        errors[criterion] = (model(x) - model.fc.bias.detach() - reference).square().sum().item()
+    return errors
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**16), pattern=st.sampled_from(["2:4", "1:8"]))
+def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude_on_correlated_inputs(seed, pattern):
+    errors = _reconstruction_errors(seed, pattern)
+    assert errors["sparsegpt"] < errors["wanda"], errors
+    assert errors["sparsegpt"] < errors["magnitude"], errors
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), blocksize=st.sampled_from([4, 8, 24]))
+def test_sparsegpt_lazy_block_updates_equal_column_by_column(seed, blocksize):
+    """The lazy batch update is exact algebra: every block size gives the same result."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, 48, generator=gen) @ torch.randn(48, 48, generator=gen)
+    weight = torch.randn(6, 48, generator=gen)
+    reference, ref_mask = sparsegpt_prune(weight, x.T @ x, "2:4", blocksize=4 * 12)
+    new, mask = sparsegpt_prune(weight, x.T @ x, "2:4", blocksize=blocksize)
+    assert torch.equal(mask, ref_mask)
+    torch.testing.assert_close(new, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_sparsegpt_dense_pattern_keeps_the_weights_and_zeroes_dead_inputs():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 16, generator=gen)
+    weight = torch.randn(4, 16, generator=gen)
+    new, mask = sparsegpt_prune(weight, x.T @ x, "4:4")
+    assert mask.all()
+    torch.testing.assert_close(new, weight)
+    x[:, 3] = 0  # an input that never fires: its weights contribute nothing and are zeroed
+    new, mask = sparsegpt_prune(weight, x.T @ x, "2:4")
+    assert torch.isfinite(new).all() and (new[:, 3] == 0).all()
+    assert mask.reshape(4, -1, 4).sum(-1).eq(2).all()
+
+
+def test_sparsegpt_singular_hessian_raises_dampening_with_a_warning():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, generator=gen)  # rank 3 < 16: X^T X is singular
+    weight = torch.randn(4, 16, generator=gen)
+    with pytest.warns(UserWarning, match="percdamp"):
+        new, mask = sparsegpt_prune(weight, x.T @ x, "2:4", percdamp=0.0)
+    assert torch.isfinite(new).all() and mask.reshape(4, -1, 4).sum(-1).eq(2).all()
+
+
+def test_sparsegpt_hopeless_hessian_is_a_clear_error():
+    weight = torch.randn(4, 16)
+    hessian = torch.full((16, 16), float("nan"))
+    with pytest.raises(ValueError, match="not positive definite"):
+        sparsegpt_prune(weight, hessian, "2:4")
+    with pytest.raises(ValueError, match="Hessian has shape"):
+        sparsegpt_prune(weight, torch.eye(8), "2:4")
+
+
+# -- calibration input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("calibration, message", [
+    ([], "calibration is empty"),
+    (None, "needs calibration data"),
+    ([torch.rand(4, 1, 7, 7)], "calibration batch 0 does not run"),
+    ([torch.rand(4, 1, 8, 8), torch.rand(4, 3, 8, 8)], "calibration batch 1 does not run"),
+    ([torch.rand(4, 1, 8, 8), torch.full((4, 1, 8, 8), float("nan"))], "batch 1, argument 0: contains NaN"),
+    ([(torch.rand(4, 1, 8, 8),), {"images": torch.tensor([[float("inf")]])}], "batch 1, argument 'images'"),
+    ([torch.full((4, 1, 8, 8), 3e38)], "non-finite"),
+    (["some text"], "batch 0 is a str"),
+    (42, "must be an iterable of batches"),
+])
+def test_bad_calibration_is_a_clear_error_and_the_model_is_untouched(criterion, calibration, message):
+    model = _vit()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        nmfx.prune(model, "2:4", calibration, criterion)
+    _assert_untouched(model, before)
+    nmfx.prune(model, "2:4", _images(), criterion)  # and it can still be pruned afterwards
+
+
+def test_a_failure_midway_restores_every_pruned_layer(monkeypatch):
+    model = _vit()
+    before = _snapshot(model)
+    calls = []
+    real = prune_module.sparsegpt_prune
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise ValueError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prune_module, "sparsegpt_prune", failing)
+    with pytest.raises(ValueError, match="boom"):
+        nmfx.prune(model, "2:4", _images(), "sparsegpt")
+    _assert_untouched(model, before)
+
+
+def test_bad_options_are_refused_before_anything_runs():
+    model = _vit()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="unknown criterion"):
+        nmfx.prune(model, "2:4", _images(), "obs")
+    with pytest.raises(ValueError, match="SparseGPT options"):
+        nmfx.prune(model, "2:4", _images(), "wanda", percdamp=0.1)
+    with pytest.raises(ValueError, match="multiple of M=8"):
+        nmfx.prune(model, "1:8", _images(), "sparsegpt", blocksize=12)
+    with pytest.raises(ValueError, match="percdamp"):
+        nmfx.prune(model, "1:8", _images(), "sparsegpt", percdamp=-1.0)
+    with pytest.raises(ValueError, match="invalid N:M"):
+        nmfx.prune(model, "9:8", _images(), "wanda")
+    with pytest.raises(ValueError, match="nothing in TinyViT would be sparsified"):
+        nmfx.prune(model, "2:4", _images(), "wanda", include="no_such_layer")
+    _assert_untouched(model, before)
+    nmfx.prune(model, "2:4")
+    with pytest.raises(ValueError, match="already sparsified"):
+        nmfx.prune(model, "2:4")
+
+
+def test_layers_the_criterion_cannot_hook_are_named():
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)).eval()
+    before = _snapshot(model)
+    calibration = [torch.rand(2, 5, 16)]
+    with pytest.raises(ValueError, match="self_attn.*exclude them"):
+        nmfx.prune(model, "2:4", calibration, "wanda")
+    _assert_untouched(model, before)
+    nmfx.prune(model, "2:4", calibration, "wanda", exclude="*self_attn*")
+    assert set(nmfx.states(model)) == {"0.linear1.weight", "0.linear2.weight"}
+
+
+def test_calibration_forms_dataloader_kwargs_and_tensor():
+    images = _images()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat(images)), batch_size=4)
+    pruned = {}
+    for label, calibration in (("list", images), ("loader", loader),
+                               ("kwargs", [{"images": b} for b in images]), ("tuple", [(b,) for b in images])):
+        pruned[label] = nmfx.masks(nmfx.prune(_vit(), "2:4", calibration, "wanda"))
+    for label in ("loader", "kwargs", "tuple"):
+        assert pruned[label].keys() == pruned["list"].keys()
+        assert all(torch.equal(pruned[label][k], pruned["list"][k]) for k in pruned["list"]), label
+    single = nmfx.masks(nmfx.prune(_vit(), "2:4", torch.cat(images), "wanda"))  # a lone tensor is one batch
+    assert all(torch.equal(single[k], pruned["list"][k]) for k in single)
+
+
+def test_include_exclude_leave_other_layers_dense():
+    model = _vit()
+    up = model.blocks[0].up.weight.detach().clone()
+    nmfx.prune(model, "2:4", _images(), "sparsegpt", exclude="*.up")
+    assert not any(name.endswith(".up.weight") for name in nmfx.states(model))
+    assert torch.equal(model.blocks[0].up.weight.detach(), up)
+
+
+def test_progress_bar_on_request(capsys):
+    nmfx.prune(_vit(), "2:4", _images(), "wanda", progress=True)
+    assert "nmfx.prune (wanda, 2:4)" in capsys.readouterr().err
+    nmfx.prune(_vit(), "2:4", _images(), "wanda")  # not a terminal: silent
+    assert "nmfx.prune" not in capsys.readouterr().err
+
+
+# -- composition ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_pruned_model_lowers_without_force_and_saves(criterion, tmp_path):
+    images = _images()
+    model = nmfx.prune(_vit(), "1:8", images, criterion)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no force, no warning
+        inference = nmfx.to_inference(model)
+    expected = model(images[0])
+    torch.testing.assert_close(inference(images[0]), expected, rtol=1e-5, atol=1e-5)
+    path = tmp_path / "pruned.safetensors"
+    nmfx.save(inference, path)
+    loaded = nmfx.load(path, TinyViT(dim=32, depth=2))
+    torch.testing.assert_close(loaded(images[0]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fine_tuning_continues_from_the_pruned_weights():
+    images = _images()
+    ste = nmfx.prune(_vit(), "2:4", images, "wanda")
+    model = nmfx.prune(_vit(), "2:4", images, "wanda", method="srste")
+    for name, state in nmfx.states(model).items():  # same pruned start, whatever the method
+        assert torch.equal(state.mask, nmfx.states(ste)[name].mask)
+        assert torch.equal(model.get_parameter(name), ste.get_parameter(name))
+    torch.testing.assert_close(model(images[0]), ste(images[0]))
+    start = {name: model.get_parameter(name).detach().clone() for name in nmfx.states(model)}
+    target = torch.randint(0, 10, (4,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    model.train()
+    for _ in range(4):
+        loss = nn.functional.cross_entropy(model(images[0]), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        nmfx.step(model)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for name, state in nmfx.states(model).items():
+        assert state.mask.reshape(state.mask.shape[0], -1, 4).sum(-1).eq(2).all()
+        assert not torch.equal(model.get_parameter(name), start[name])
+    # the other route: fold back to a plain model and sparsify it with any method; magnitude masks of the
+    # zeroed weights are the pruned masks
+    dense = nmfx.to_dense(ste, into=TinyViT(dim=32, depth=2))
+    again = nmfx.sparsify(dense, "2:4", "mdgf", total_steps=10)
+    torch.testing.assert_close(again(images[0]), ste(images[0]))  # alpha = 1, yet pruned weights are zero
+    for name, state in nmfx.states(again).items():
+        assert torch.equal(state.mask, nmfx.states(ste)[name].mask)
+
+
+def test_sdgf_after_pruning_starts_at_its_own_denser_mask():
+    model = nmfx.prune(_vit(), "1:8", _images(), "wanda", method="sdgf", total_steps=40)
+    for name, state in nmfx.states(model).items():
+        assert state.schedule.pattern == nmfx.Pattern(7, 8)
+        assert state.mask.reshape(state.mask.shape[0], -1, 8).sum(-1).eq(7).all()
+        weight = model.get_parameter(name)
+        assert torch.equal(weight * state.mask, weight)  # the pruned model's forward, still
