@@ -1,0 +1,188 @@
+"""End-to-end CPU inference: nmfx's packed model vs the *plain* model a user would otherwise run.
+
+    python benchmarks/bench_e2e.py                    # Llama-style 1024x8 and GPT-2-small shapes, fp32 + bf16
+    python benchmarks/bench_e2e.py --quick            # tiny widths (what tests/test_bench_e2e.py runs)
+    python benchmarks/bench_e2e.py --compile          # also torch.compile both sides (compiled vs compiled)
+
+For each architecture one random model is built; a copy is sparsified at 1:8 (``ste``: hard masks from
+step 0, every block projection; the LM head stays dense as nmfx's policy does) and lowered with
+``nmfx.to_inference``; the **baseline is the original transformers model holding the same masked
+weights** (``W * m``), with no nmfx code in it — the same function, computed densely. Both run in fp32 and
+in bf16 (the plain model cast with ``.to(torch.bfloat16)``: oneDNN's dense bf16, AMX where the CPU has
+it; nmfx with ``to_inference(dtype=torch.bfloat16)``). Timings are medians of interleaved repetitions
+(plain, nmfx, plain, nmfx, ...), so load changes hit both alike.
+
+Measured per configuration: greedy decode (``generate``, ``max_new_tokens`` tokens, KV cache) at
+batch 1/8/32 and a prefill forward of 128/512 tokens at batch 1; tokens/s; whether nmfx's greedy tokens
+equal the plain model's; weight bytes of each model; and the **byte-ratio limit** — the plain model's
+weight bytes over nmfx's, the speed-up a purely memory-bound batch-1 decode could reach — with the
+head dense (as measured) and with the head at the pattern too (``include=["head"]``; computed, not timed).
+Writes ``benchmarks/results/bench_e2e.json`` with the machine's CPU model and SIMD flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import nmfx
+from nmfx.bench import describe, machine_info, time_interleaved, wait_quiet
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_e2e.json"
+
+
+def configs(quick: bool) -> dict[str, tuple[str, dict]]:
+    """name -> (transformers config class, kwargs)."""
+    if quick:
+        return {"llama-tiny": ("LlamaConfig", dict(hidden_size=128, num_hidden_layers=2, intermediate_size=352,
+                                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
+                                                   tie_word_embeddings=False))}
+    return {
+        "llama 1024x8": ("LlamaConfig", dict(hidden_size=1024, num_hidden_layers=8, intermediate_size=2816,
+                                             num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
+                                             tie_word_embeddings=False, max_position_embeddings=1024)),
+        "gpt2-small shapes": ("GPT2Config", dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257,
+                                                 n_positions=1024)),
+    }
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer, tied tensors once."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def head_bytes_ratio(model: torch.nn.Module, pattern: nmfx.Pattern, dtype: torch.dtype) -> tuple[int, int]:
+    """(dense bytes, packed bytes) of the LM head if it were sparsified too."""
+    head = model.get_output_embeddings()
+    out_features, in_features = head.weight.shape
+    size = torch.tensor([], dtype=dtype).element_size()
+    bits = max(1, (pattern.m - 1).bit_length())
+    kept = in_features // pattern.m * pattern.n
+    return out_features * in_features * size, out_features * (kept * size + (kept * bits + 7) // 8)
+
+
+def build(config_name: str, config_kwargs: dict, pattern: str, seed: int = 0):
+    """(plain model with the masked weights, sparsified model) — the same function."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(**config_kwargs)
+    plain = transformers.AutoModelForCausalLM.from_config(config).eval()
+    sparse = copy.deepcopy(plain)
+    nmfx.sparsify(sparse, pattern, "ste")
+    with torch.no_grad():
+        for name, state in nmfx.states(sparse).items():
+            plain.get_parameter(name).copy_(sparse.get_parameter(name) * state.mask)
+    return plain, sparse
+
+
+def greedy(model, ids, new_tokens: int):
+    return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=0, attention_mask=torch.ones_like(ids))
+
+
+def measure(name: str, plain, sparse, pattern: str, dtype: torch.dtype, args) -> list[dict]:
+    rows = []
+    plain_d = plain if dtype == torch.float32 else copy.deepcopy(plain).to(dtype)
+    packed = nmfx.to_inference(sparse, backend="cpu", dtype=None if dtype == torch.float32 else dtype)
+    if args.compile:
+        for model in (plain_d, packed):
+            model.forward = torch.compile(model.forward, dynamic=True)
+    vocab = plain.config.vocab_size
+    bytes_plain, bytes_nmfx = weight_bytes(plain_d), weight_bytes(packed)
+    head_dense, head_packed = head_bytes_ratio(plain_d, nmfx.Pattern.parse(pattern), dtype)
+    common = {"model": name, "dtype": str(dtype).removeprefix("torch."), "pattern": pattern,
+              "compiled": bool(args.compile), "plain_weight_bytes": bytes_plain, "nmfx_weight_bytes": bytes_nmfx,
+              "byte_ratio_limit_head_dense": bytes_plain / bytes_nmfx,
+              "byte_ratio_limit_head_sparse": bytes_plain / (bytes_nmfx - head_dense + head_packed)}
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for batch in args.decode_batches:
+            ids = torch.randint(0, vocab, (batch, 8), generator=generator)
+            same = torch.equal(greedy(plain_d, ids, args.new_tokens), greedy(packed, ids, args.new_tokens))
+            if args.wait_quiet:
+                wait_quiet(0.15, args.wait_quiet)
+            t = time_interleaved({"plain": lambda: greedy(plain_d, ids, args.new_tokens),
+                                  "nmfx": lambda: greedy(packed, ids, args.new_tokens)}, args.reps, args.reps, 0.0)
+            tokens = batch * args.new_tokens
+            rows.append({**common, "mode": "decode", "batch": batch, "new_tokens": args.new_tokens,
+                         "plain_ms": t["plain"] * 1e3, "nmfx_ms": t["nmfx"] * 1e3, "speedup": t["plain"] / t["nmfx"],
+                         "plain_tokens_per_s": tokens / t["plain"], "nmfx_tokens_per_s": tokens / t["nmfx"],
+                         "same_greedy_tokens": same})
+            _print(rows[-1])
+        for length in args.prefill:
+            ids = torch.randint(0, vocab, (1, length), generator=generator)
+            agree = (plain_d(ids).logits.argmax(-1) == packed(ids).logits.argmax(-1)).float().mean().item()
+            if args.wait_quiet:
+                wait_quiet(0.15, args.wait_quiet)
+            t = time_interleaved({"plain": lambda: plain_d(ids), "nmfx": lambda: packed(ids)}, args.reps, args.reps, 0.0)
+            rows.append({**common, "mode": "prefill", "batch": 1, "tokens": length, "plain_ms": t["plain"] * 1e3,
+                         "nmfx_ms": t["nmfx"] * 1e3, "speedup": t["plain"] / t["nmfx"],
+                         "plain_tokens_per_s": length / t["plain"], "nmfx_tokens_per_s": length / t["nmfx"],
+                         "argmax_agreement": agree})
+            _print(rows[-1])
+    return rows
+
+
+def _print(row: dict) -> None:
+    what = f"decode b{row['batch']} x{row['new_tokens']}" if row["mode"] == "decode" else f"prefill {row['tokens']}"
+    print(f"{row['model']:<18} {row['dtype']:<8} {what:<16} | plain {row['plain_ms']:9.1f} ms | nmfx "
+          f"{row['nmfx_ms']:9.1f} ms | {row['speedup']:5.2f}x | limit {row['byte_ratio_limit_head_dense']:.2f}x "
+          f"(head 1:8: {row['byte_ratio_limit_head_sparse']:.2f}x)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny widths, one rep: a smoke run")
+    parser.add_argument("--pattern", default="1:8")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--decode-batches", default="1,8,32")
+    parser.add_argument("--prefill", default="128,512")
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models' forward")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.decode_batches = [int(b) for b in args.decode_batches.split(",") if b]
+    args.prefill = [int(p) for p in args.prefill.split(",") if p]
+    if args.quick:
+        args.decode_batches, args.prefill, args.new_tokens, args.reps = [1, 8], [32], 4, 1
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    info = machine_info()
+    print(f"machine: {describe(info)}")
+    from nmfx.kernels import cpu as nmfx_cpu
+
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    rows = []
+    for name, (config_name, kwargs) in configs(args.quick).items():
+        plain, sparse = build(config_name, kwargs, args.pattern)
+        for dtype_name in args.dtypes.split(","):
+            rows += measure(name, plain, sparse, args.pattern, getattr(torch, dtype_name), args)
+        del plain, sparse
+    result = {"benchmark": "end-to-end inference: nmfx packed vs the plain model with the same masked weights",
+              "machine": info, "kernel_isa": nmfx_cpu.isa(), "threads": args.threads, "quick": args.quick,
+              "compiled": args.compile, "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "rows": rows}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
