@@ -4,7 +4,9 @@ Criteria (the N:M mask of every weight keeps ``N`` of each group of ``M`` along 
 
 * ``"magnitude"``: the largest ``|W_ij|`` (no calibration needed).
 * ``"wanda"`` (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs"): the largest
-  ``|W_ij| * ||X_j||_2``, ``X_j`` the layer's input column ``j`` over every calibration token.
+  ``|W_ij| * ||X_j||_2``, ``X_j`` the layer's input column ``j`` over every calibration token. The norms
+  of all layers come from one pass of the unpruned model (the reference code feeds each block the
+  outputs of the already-pruned blocks before it; here only SparseGPT does that).
 * ``"sparsegpt"`` (Frantar & Alistarh 2023, "SparseGPT"): the mask is chosen column block by column
   block with the OBS saliency ``w^2 / [H^-1]_jj`` (``H = X^T X``), and every pruned weight's error is
   compensated in the not-yet-processed weights of its row through the Cholesky factor of ``H^-1``.

@@ -346,3 +346,28 @@ def test_sdgf_after_pruning_starts_at_its_own_denser_mask():
         assert state.mask.reshape(state.mask.shape[0], -1, 8).sum(-1).eq(7).all()
         weight = model.get_parameter(name)
         assert torch.equal(weight * state.mask, weight)  # the pruned model's forward, still
+
+
+def test_hf_trainer_fine_tunes_a_pruned_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from nmfx.integrations.hf import NMSparsityCallback
+
+    transformers.logging.set_verbosity_error()
+    model = _gpt2()
+    calibration = _tokens()
+    nmfx.prune(model, "1:8", calibration, "sparsegpt", method="srste")
+    pruned = {name: state.mask.clone() for name, state in nmfx.states(model).items()}
+    ids = torch.cat([batch["input_ids"] for batch in calibration])
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                                          report_to=[], save_strategy="no", use_cpu=True, learning_rate=1e-3)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    NMSparsityCallback.attach(trainer)
+    trainer.train()
+    for name, state in nmfx.states(model).items():
+        assert int(state.step) == 3
+        mask = state.mask.T
+        assert mask.reshape(mask.shape[0], -1, 8).sum(-1).eq(1).all()
+    # SR-STE recomputes masks from |W|; three small steps from the pruned (zeroed) weights keep most of them
+    kept = torch.cat([(nmfx.states(model)[n].mask & m).flatten() for n, m in pruned.items()]).float().sum()
+    assert kept / sum(m.sum() for m in pruned.values()) > 0.9

@@ -144,3 +144,18 @@ def test_onnx_export_of_the_dense_copy_runs_in_onnxruntime(tmp_path):
     session = ort.InferenceSession(str(path))
     (out,) = session.run(None, {session.get_inputs()[0].name: _images().numpy()})
     torch.testing.assert_close(torch.from_numpy(out), model(_images()), rtol=1e-4, atol=1e-4)
+
+
+def test_dense_copy_of_a_transformers_model_saves_and_loads_with_save_pretrained(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 64, (2, 16))
+    nmfx.prune(model, "2:4", [{"input_ids": ids}], "sparsegpt")
+    nmfx.to_dense(model).save_pretrained(tmp_path)
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    weight = loaded.transformer.h[0].mlp.c_fc.weight.detach()
+    assert weight.T.reshape(weight.shape[1], -1, 4).ne(0).sum(-1).le(2).all()  # still 2:4 along the input
