@@ -58,8 +58,9 @@ DEFAULT_BLOCKSIZE = 128
 _MAX_PERCDAMP = 10.0
 
 
-class _StopForward(Exception):
-    """Raised by a hook to end a calibration forward once the layer of interest has seen its input."""
+class _StopForward(BaseException):
+    """Raised by a hook to end a calibration forward once the layer of interest has seen its input (a
+    BaseException, so that a model's own ``except Exception`` does not swallow it)."""
 
 
 def prune(

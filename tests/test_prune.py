@@ -371,3 +371,44 @@ def test_hf_trainer_fine_tunes_a_pruned_model(tmp_path):
     # SR-STE recomputes masks from |W|; three small steps from the pruned (zeroed) weights keep most of them
     kept = torch.cat([(nmfx.states(model)[n].mask & m).flatten() for n, m in pruned.items()]).float().sum()
     assert kept / sum(m.sum() for m in pruned.values()) > 0.9
+
+
+class _Reused(nn.Module):
+    """One layer called twice per forward (a weight-shared block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(self.fc(torch.relu(self.fc(x))))
+
+
+def test_sparsegpt_hessian_counts_every_call_of_a_reused_layer(monkeypatch):
+    torch.manual_seed(0)
+    model = _Reused().eval()
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        second = torch.relu(model.fc(x))
+    expected = x.T @ x + second.T @ second
+    seen = {}
+    real = prune_module.sparsegpt_prune
+
+    def spy(weight, hessian, *args, name, **kwargs):
+        seen[name] = hessian.clone()
+        return real(weight, hessian, *args, name=name, **kwargs)
+
+    monkeypatch.setattr(prune_module, "sparsegpt_prune", spy)
+    nmfx.prune(model, "2:4", [x], "sparsegpt", include="fc")
+    torch.testing.assert_close(seen["fc.weight"], expected)
+
+
+def test_ending_calibration_forwards_early_changes_nothing(monkeypatch):
+    early = nmfx.prune(_vit(), "2:4", _images(), "sparsegpt")
+    real = prune_module._hessian
+    monkeypatch.setattr(prune_module, "_hessian", lambda model, batches, layer, stop_early: real(model, batches, layer, False))
+    full = nmfx.prune(_vit(), "2:4", _images(), "sparsegpt")
+    for name in nmfx.states(early):
+        assert torch.equal(nmfx.masks(early)[name], nmfx.masks(full)[name])
+        torch.testing.assert_close(early.get_parameter(name), full.get_parameter(name))
