@@ -412,3 +412,21 @@ def test_ending_calibration_forwards_early_changes_nothing(monkeypatch):
     for name in nmfx.states(early):
         assert torch.equal(nmfx.masks(early)[name], nmfx.masks(full)[name])
         torch.testing.assert_close(early.get_parameter(name), full.get_parameter(name))
+
+
+def test_frozen_mask_fine_tune_keeps_the_pruned_masks():
+    images = _images()
+    model = nmfx.prune(_vit(), "1:8", images, "sparsegpt", method="ste", total_steps=3, fine_tune_steps=3)
+    pruned = {name: state.mask.clone() for name, state in nmfx.states(model).items()}
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # large steps: a recomputed mask would move
+    model.train()
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(model(images[0]), torch.arange(4))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        nmfx.step(model)
+    for name, state in nmfx.states(model).items():
+        assert torch.equal(state.mask, pruned[name])
+    assert not all(torch.equal(nmfx.nm_mask(model.get_parameter(n), "1:8"), pruned[n]) for n in pruned)
+    nmfx.to_inference(model)  # finished: lowers without force
