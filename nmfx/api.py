@@ -18,7 +18,8 @@ from nmfx.passes.rewrite_masked import rewrite_masked
 from nmfx.passes.rewrite_modules import disable_fused_fast_path, rewrite_multihead_attention
 from nmfx.pattern import Pattern, PatternLike
 from nmfx.report import ReportRow, SparsifyRecord
-from nmfx.state import STATE_SUFFIX, NMState, config_mismatch
+from nmfx.state import (LEGACY_KEY, PRUNED_KEY, STATE_KEYS, STATE_SUFFIX, NMState, checkpoint_problems,
+                        dense_weight, normalize_checkpoint)
 from nmfx.tracing import analysis_graph, install_scope, rewrite_scopes
 
 __all__ = ["sparsify", "step", "masks", "graphs", "is_sparsified", "states"]
@@ -174,22 +175,52 @@ def record(model: nn.Module) -> SparsifyRecord:
 
 def _refuse_mismatched_checkpoint(module, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs) -> None:
-    """Root ``load_state_dict`` pre-hook: it runs before anything is copied, so a checkpoint whose nmfx
-    state is missing (a dense model's) or differs (another pattern / method / shape) is refused whole."""
+    """Root ``load_state_dict`` pre-hook. It runs before anything is copied and checks every nmfx state in
+    the incoming dict (:func:`nmfx.state.checkpoint_problems`: config, step, alpha, lambda, mask), so a
+    checkpoint with any problem (a dense model's, another pattern / method / shape, a step < 0, a NaN
+    alpha, an invalid mask) is refused whole. Accepted older layouts are then translated in the (copied)
+    dict: format 1's config string, and the effective-weight layout of nmfx's ``save_pretrained``."""
+    found = states(module)
+    incoming = _nmfx_entries(state_dict, prefix, found)
     problems = []
-    for name, state in states(module).items():
-        key = f"{prefix}{name}{STATE_SUFFIX}._extra_state"
-        if key not in state_dict:
-            if strict:
-                problems.append(f"{name}: no nmfx state in the checkpoint (is it from a dense model? load a dense "
-                                "checkpoint before nmfx.sparsify, or pass strict=False)")
-            continue
-        mismatch = config_mismatch(state.config_dict(), state_dict[key])
-        if mismatch:
-            problems.append(f"{name}: {mismatch}")
+    for name, state in found.items():
+        problems += [f"{name}: {problem}" for problem in
+                     checkpoint_problems(state, incoming.get(name, {}), state_dict.get(prefix + name))]
+    problems += [f"{name}: the checkpoint has nmfx state for this weight, which the model does not sparsify "
+                 "(sparsified with other include/exclude?)" for name in incoming.keys() - found.keys()]
     if problems:
+        advice = ""
+        if any("dense model" in problem for problem in problems):
+            advice = ("\nTo start from a dense checkpoint, load it into the model before nmfx.sparsify (build the "
+                      "model, load_state_dict, then sparsify); load_state_dict(strict=False) does not skip this "
+                      "check, since torch runs load hooks with strict=True.")
         raise ValueError("refusing to load this checkpoint into the nmfx-sparsified model; nothing was loaded:\n  "
-                         + "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+                         + "\n  ".join(problems[:20])
+                         + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "") + advice)
+    for name, state in found.items():
+        entries, base = incoming[name], f"{prefix}{name}{STATE_SUFFIX}."
+        if PRUNED_KEY in entries:
+            state_dict[prefix + name] = dense_weight(state_dict[prefix + name], entries["mask"], entries[PRUNED_KEY])
+        for key in (LEGACY_KEY, PRUNED_KEY):
+            state_dict.pop(base + key, None)
+        normalized = normalize_checkpoint(state, entries)
+        state_dict.update({base + key: value for key, value in normalized.items()})
+        state.mark_checked(normalized)
+
+
+def _nmfx_entries(state_dict, prefix: str, names) -> dict[str, dict[str, Any]]:
+    """``{weight name: {entry: value}}`` for the entries under ``prefix`` of the states of weights ``names``
+    (``<weight>_nm.<entry>``: all of them) and the nmfx-named entries of other weights."""
+    known = set(STATE_KEYS) | {LEGACY_KEY, PRUNED_KEY}
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        if not key.startswith(prefix):
+            continue
+        path, _, entry = key[len(prefix):].rpartition(".")
+        weight = path[: -len(STATE_SUFFIX)]
+        if path.endswith(STATE_SUFFIX) and (weight in names or entry in known):
+            grouped.setdefault(weight, {})[entry] = value
+    return grouped
 
 
 def _adopt_roles(gm: fx.GraphModule, graph_roles: dict[str, str], frontend: str, whole_model: bool) -> fx.GraphModule:

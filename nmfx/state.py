@@ -2,15 +2,27 @@
 
 Each sparsified parameter ``<owner>.<param>`` gets a child module ``<owner>.<param>_nm`` (an
 :class:`NMState`) holding buffers ``mask`` (bool, the weight's shape), ``step`` (optimizer steps taken),
-``alpha`` and ``srste_lambda`` (0-d tensors read by the masked op), and the config as extra state. So
-``state_dict()`` round-trips everything, DDP broadcasts it, and the optimizer only ever sees the dense
-weights.
+``alpha`` and ``srste_lambda`` (0-d tensors read by the masked op) and ``config`` (the canonical JSON of
+the pattern, method, group dim and weight shape, as uint8 bytes). The ``state_dict`` therefore holds
+tensors only: ``torch.save``, ``safetensors``, DCP and ``save_pretrained`` take it as it is, DDP
+broadcasts it, and the optimizer only ever sees the dense weights.
+
+Loading checks every incoming entry before anything is copied (:func:`checkpoint_problems`): the config
+must match the model's, ``step`` is an integer >= 0, ``alpha`` lies in [0, 1], ``srste_lambda`` is finite
+and >= 0, and the mask is a bool tensor of the weight's shape keeping exactly N of every M along the
+group dim for the pattern the schedule prescribes at that step. Two other layouts are accepted and
+translated (:func:`normalize_checkpoint`): nmfx format 1 (the config as a JSON string ``_extra_state``),
+and the *effective-weight* layout written by nmfx's ``save_pretrained`` (the weight key holds
+``W * (m + alpha (1 - m))`` and ``<param>_nm.pruned`` the dense values at the pruned positions, so the
+dense weight is rebuilt bit for bit).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import math
+import weakref
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -18,12 +30,22 @@ from torch import Tensor, nn
 from nmfx.methods import Method, ScheduleState, resolve_method
 from nmfx.pattern import Pattern, nm_mask
 
-__all__ = ["NMState", "STATE_SUFFIX", "FORMAT_VERSION"]
+__all__ = ["NMState", "STATE_SUFFIX", "FORMAT_VERSION", "STATE_KEYS", "PRUNED_KEY", "LEGACY_KEY",
+           "checkpoint_problems", "normalize_checkpoint", "dense_weight", "pruned_values", "mask_problem",
+           "config_mismatch"]
 
 #: ``<param>_nm`` is the name of the state module next to parameter ``<param>``.
 STATE_SUFFIX = "_nm"
-#: Version of the extra state written into ``state_dict()``.
-FORMAT_VERSION = 1
+#: Version of the nmfx state in a ``state_dict``: 1 kept the config as a JSON ``_extra_state`` string,
+#: 2 keeps it as a uint8 ``config`` tensor (tensors only).
+FORMAT_VERSION = 2
+#: The entries an :class:`NMState` writes into a ``state_dict`` (under ``<owner>.<param>_nm.``).
+STATE_KEYS = ("mask", "step", "alpha", "srste_lambda", "config")
+#: Effective-weight layout: the dense weight's values at the pruned positions (1-D, row-major order).
+PRUNED_KEY = "pruned"
+#: Format 1's config entry (a JSON string).
+LEGACY_KEY = "_extra_state"
+_MAX_CONFIG_BYTES = 1 << 16
 
 
 class NMState(nn.Module):
@@ -49,8 +71,10 @@ class NMState(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("alpha", torch.ones((), dtype=torch.float32, device=device))
         self.register_buffer("srste_lambda", torch.zeros((), dtype=torch.float32, device=device))
+        self.register_buffer("config", _encode_config(self.config_dict()).to(device))
         # The mask flip rate of the last refresh, for nmfx.stats (not saved: it is a measurement).
         self.register_buffer("last_flip_rate", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
+        self._checked: dict[str, weakref.ref] = {}
         self.refresh(weight, force=True)
 
     # -- schedule -------------------------------------------------------------------------------
@@ -90,6 +114,7 @@ class NMState(nn.Module):
 
     # -- checkpointing --------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
+        """The pattern, method, group dim and weight shape (what the ``config`` buffer encodes)."""
         return {
             "format_version": FORMAT_VERSION,
             "pattern": str(self.pattern),
@@ -98,41 +123,208 @@ class NMState(nn.Module):
             "weight_shape": list(self.weight_shape),
         }
 
-    def get_extra_state(self) -> Any:
-        return json.dumps(self.config_dict(), sort_keys=True)
+    def mark_checked(self, entries: Mapping[str, Any]) -> None:
+        """Record that ``entries`` (this state's part of a ``state_dict``) passed the checks, so
+        loading them does not check them again."""
+        self._checked = {key: weakref.ref(value) for key, value in entries.items() if isinstance(value, Tensor)}
 
-    def set_extra_state(self, state: Any) -> None:
-        mismatch = config_mismatch(self.config_dict(), state)
-        if mismatch:
-            raise ValueError(f"nmfx state mismatch for weight {self.param_name!r}: {mismatch}")
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        entries = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        checked, self._checked = getattr(self, "_checked", {}), {}
+        already = bool(entries) and all(key in checked and checked[key]() is value for key, value in entries.items())
+        if entries and not already:  # loaded without the root model's check (into this submodule alone)
+            problems = checkpoint_problems(self, entries, weight=None)
+            if problems:
+                raise ValueError(f"refusing to load the nmfx state of {prefix[:-1]!r}: " + "; ".join(problems))
+            for key in (LEGACY_KEY, PRUNED_KEY):
+                state_dict.pop(prefix + key, None)
+            state_dict.update({prefix + key: value for key, value in normalize_checkpoint(self, entries).items()})
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         # The mask was computed at a step's pattern: remember it so the next refresh knows.
         self._mask_pattern = self.schedule.pattern
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state["_checked"] = {}  # weak references do not pickle
+        return state
 
     def extra_repr(self) -> str:
         return f"{self.param_name}, pattern={self.pattern}, method={self.method.name}, dim={self.dim}"
 
 
+def checkpoint_problems(state: NMState, entries: Mapping[str, Any], weight: Any = None) -> list[str]:
+    """What is wrong with ``entries`` (``{"mask": ..., "step": ..., ...}``: one state's part of a
+    ``state_dict``) as a checkpoint of ``state`` (empty when they can be loaded). ``weight`` is the
+    incoming owner weight, needed for the effective-weight layout (a ``pruned`` entry)."""
+    if not entries:
+        return ["no nmfx state in the checkpoint (is it a dense model's?)"]
+    unknown = sorted(set(entries) - set(STATE_KEYS) - {LEGACY_KEY, PRUNED_KEY})
+    if unknown:
+        return [f"unknown nmfx entries {unknown} in the checkpoint"]
+    expected = state.config_dict()
+    if "config" in entries:
+        saved = _decode_config(entries["config"])
+    elif LEGACY_KEY in entries:
+        saved = entries[LEGACY_KEY]
+    else:
+        return ["the checkpoint has no nmfx config for it"]
+    mismatch = config_mismatch(expected, saved)
+    if mismatch:
+        return [mismatch]
+    problems = [f"{key} is missing from the checkpoint" for key in STATE_KEYS[:4] if key not in entries]
+    step = entries.get("step")
+    step_ok = step is not None and _check_scalar(problems, "step", step, integer=True, low=0, high=None)
+    alpha_ok = "alpha" in entries and _check_scalar(problems, "alpha", entries["alpha"], integer=False, low=0.0, high=1.0)
+    if "srste_lambda" in entries:
+        _check_scalar(problems, "srste_lambda", entries["srste_lambda"], integer=False, low=0.0, high=None)
+    mask = entries.get("mask")
+    mask_ok = False
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            problems.append(f"mask must be a bool tensor, got {_describe(mask)}")
+        elif tuple(mask.shape) != state.weight_shape:
+            problems.append(f"mask has shape {tuple(mask.shape)}, the weight {state.weight_shape}")
+        elif step_ok and not mask.is_meta:
+            pattern = state.method.state_at(int(step), state.pattern).pattern
+            wrong = mask_problem(mask, pattern, state.dim)
+            if wrong:
+                problems.append(f"the mask is not a valid {pattern} mask (the pattern at step {int(step)}): {wrong}")
+            mask_ok = not wrong
+    if PRUNED_KEY in entries:
+        problems += _pruned_problems(entries, weight, mask_ok and alpha_ok)
+    return problems
+
+
+def normalize_checkpoint(state: NMState, entries: Mapping[str, Any]) -> dict[str, Any]:
+    """``entries`` (checked by :func:`checkpoint_problems`) in this version's layout: a format-1 config
+    string becomes the ``config`` tensor; ``pruned`` is dropped (see :func:`dense_weight`)."""
+    out = {key: value for key, value in entries.items() if key not in (LEGACY_KEY, PRUNED_KEY)}
+    out.setdefault("config", state.config.clone())
+    return out
+
+
+def dense_weight(effective: Tensor, mask: Tensor, pruned: Tensor) -> Tensor:
+    """The dense weight of the effective-weight layout: ``effective`` where kept, ``pruned`` elsewhere."""
+    weight = effective.detach().clone()
+    weight[~mask.to(weight.device)] = pruned.to(weight.device)
+    return weight
+
+
+def pruned_values(weight: Tensor, mask: Tensor) -> Tensor:
+    """The dense weight's values at the pruned positions (1-D, row-major): the ``pruned`` entry."""
+    return weight.detach()[~mask.to(weight.device)]
+
+
+def mask_problem(mask: Tensor, pattern: Pattern, dim: int) -> str:
+    """Why ``mask`` does not keep exactly ``pattern.n`` of every ``pattern.m`` along ``dim`` ("" if it does)."""
+    size = mask.shape[dim]
+    if size % pattern.m:
+        return f"dimension {dim} has size {size}, not divisible by M={pattern.m}"
+    counts = mask.movedim(dim, -1).reshape(-1, pattern.m).sum(-1, dtype=torch.int16)
+    bad = (counts != pattern.n).nonzero()
+    if bad.numel() == 0:
+        return ""
+    first = int(bad[0, 0])
+    return (f"{bad.shape[0]} of {counts.numel()} groups keep another count than {pattern.n} "
+            f"(group {first} keeps {int(counts[first])} of {pattern.m})")
+
+
 def config_mismatch(expected: dict[str, Any], saved: Any) -> str:
     """Why a saved state's config differs from ``expected`` (empty when they agree)."""
     try:
-        saved = json.loads(saved) if isinstance(saved, str) else dict(saved)
+        saved = json.loads(saved) if isinstance(saved, (str, bytes)) else dict(saved)
     except (TypeError, ValueError):
-        return f"the saved nmfx state is not readable ({saved!r:.80})"
+        return f"the saved nmfx config is not readable ({saved!r:.80})"
     version = saved.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        return f"the saved nmfx config has format_version {version!r:.40}, not an integer"
     if version > FORMAT_VERSION:
         return f"it was written by a newer nmfx (format {version} > {FORMAT_VERSION}); upgrade nmfx"
     problems = []
     for key in ("pattern", "dim", "weight_shape"):
         if saved.get(key) != expected[key]:
-            problems.append(f"{key} {saved.get(key)!r} in the checkpoint vs {expected[key]!r} in the model")
+            problems.append(f"{key} {saved.get(key)!r:.80} in the checkpoint vs {expected[key]!r} in the model")
     if saved.get("method") is not None:
-        saved_method = resolve_method(saved["method"]).to_dict()
+        try:
+            saved_method = resolve_method(saved["method"]).to_dict()
+        except (TypeError, ValueError) as error:
+            return f"the checkpoint's method config is not valid ({error})"
         if saved_method != expected["method"]:
             problems.append(f"method {saved_method} in the checkpoint vs {expected['method']} in the model")
     return "; ".join(problems)
+
+
+def _encode_config(config: dict[str, Any]) -> Tensor:
+    data = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def _decode_config(value: Any) -> Any:
+    """The config dict of a ``config`` entry, or a description of why it is not one (a str that
+    :func:`config_mismatch` reports as unreadable)."""
+    if not isinstance(value, Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+        return f"<{_describe(value)}, not a 1-D uint8 tensor>"
+    if value.numel() > _MAX_CONFIG_BYTES or value.is_meta:
+        return f"<{value.numel()} bytes>"
+    try:
+        config = json.loads(bytes(value.tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return "<not JSON>"
+    return config if isinstance(config, dict) else f"<JSON {type(config).__name__}, not an object>"
+
+
+def _check_scalar(problems: list[str], name: str, value: Any, integer: bool, low: float, high: Optional[float]) -> bool:
+    """Append why ``value`` is not a valid one-element ``name`` tensor; True if it is valid."""
+    kind = "an integer" if integer else "a floating-point"
+    if (not isinstance(value, Tensor) or value.numel() != 1 or value.dim() > 1 or value.dtype == torch.bool
+            or value.is_floating_point() == integer or value.is_complex()):
+        problems.append(f"{name} must be {kind} scalar tensor, got {_describe(value)}")
+        return False
+    if value.is_meta:
+        return True
+    number = value.item()
+    bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+    if not math.isfinite(number) or number < low or (high is not None and number > high):
+        problems.append(f"{name}={number} is not {'finite and ' if not integer else ''}{bounds}")
+        return False
+    return True
+
+
+def _pruned_problems(entries: Mapping[str, Any], weight: Any, values_ok: bool) -> list[str]:
+    pruned = entries[PRUNED_KEY]
+    if weight is None:
+        return ["the checkpoint holds the effective weight and its pruned values (nmfx's save_pretrained): "
+                "load it into the whole sparsified model, which rebuilds the dense weight"]
+    if not isinstance(weight, Tensor) or type(weight) not in (Tensor, nn.Parameter) or not weight.is_floating_point():
+        return [f"the weight must be a plain floating-point tensor, got {_describe(weight)}"]
+    if not isinstance(pruned, Tensor) or pruned.dtype != weight.dtype or pruned.dim() != 1:
+        return [f"pruned must be a 1-D {weight.dtype} tensor (the weight's dtype), got {_describe(pruned)}"]
+    if not values_ok or weight.is_meta or pruned.is_meta:
+        return []
+    mask, alpha = entries["mask"].to(weight.device), entries["alpha"]
+    dropped = ~mask
+    count = int(dropped.sum())
+    if pruned.numel() != count:
+        return [f"pruned has {pruned.numel()} values for the mask's {count} pruned positions"]
+    # The weight entry must be the effective weight of these values: W * alpha where pruned.
+    expected = pruned.to(weight.device) * alpha.to(device=weight.device, dtype=weight.dtype)
+    if not torch.equal(_bits(weight.detach()[dropped]), _bits(expected)):
+        return ["the weight is not the effective weight of the pruned values (the weights file was changed "
+                "after nmfx saved it?)"]
+    return []
+
+
+def _bits(t: Tensor) -> Tensor:
+    """Bit patterns of a float tensor (so NaN compares equal to the same NaN)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"{type(value).__name__}(dtype={value.dtype}, shape={tuple(value.shape)})"
+    return f"{type(value).__name__} {value!r:.60}"
 
 
 def _full(weight: Tensor) -> Tensor:

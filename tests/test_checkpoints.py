@@ -1,0 +1,262 @@
+"""Training checkpoints that travel: a tensors-only state_dict (safetensors round trip), all-or-nothing
+checked loads (every nmfx state before any copy) and nmfx format 1."""
+
+import copy
+import json
+import pickle
+
+import pytest
+import safetensors.torch
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import nmfx
+from nmfx.state import FORMAT_VERSION
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 64)
+        self.fc2 = nn.Linear(64, 64)
+        self.out = nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+CASES = {
+    "mdgf": {"total_steps": 12, "dense_steps": 1},
+    "sdgf": {"total_steps": 12},
+    "srste": {"total_steps": 12},
+    "dense": {},
+}
+
+
+def _sparsified(method="mdgf", seed=0, **options):
+    torch.manual_seed(seed)
+    return nmfx.sparsify(MLP(), "1:8", method, **(options or CASES[method]))
+
+
+def _train(model, steps, seed=1):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        model(torch.randn(8, 64, generator=g)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        nmfx.step(model)
+    return model
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(model, expected):
+    current = model.state_dict()
+    assert current.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(current[key], value), key
+
+
+X = torch.randn(5, 64, generator=torch.Generator().manual_seed(7))
+
+
+# -- tensors only, safetensors ----------------------------------------------------------------------
+def test_state_dict_holds_tensors_only():
+    model = _sparsified()
+    state = model.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    config = state["fc1.weight_nm.config"]
+    assert config.dtype == torch.uint8 and config.dim() == 1
+    decoded = json.loads(bytes(config.tolist()))
+    assert decoded == nmfx.states(model)["fc1.weight"].config_dict() and decoded["format_version"] == FORMAT_VERSION
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_safetensors_round_trip_is_exact(method, tmp_path):
+    """save_file / load_file -> load_state_dict into a fresh model restores everything, and both train on
+    identically (the schedule state came along)."""
+    trained = _train(_sparsified(method), 5)
+    path = tmp_path / "ckpt.safetensors"
+    safetensors.torch.save_file(trained.state_dict(), path)
+    fresh = _sparsified(method, seed=3)
+    fresh.load_state_dict(safetensors.torch.load_file(path))
+    _assert_same_state(fresh, _snapshot(trained))
+    assert torch.equal(fresh(X), trained(X))
+    _train(trained, 3, seed=2)
+    _train(fresh, 3, seed=2)
+    _assert_same_state(fresh, _snapshot(trained))
+
+
+# -- all or nothing ---------------------------------------------------------------------------------
+def _set(key, value):
+    return lambda sd: sd.__setitem__(key, value)
+
+
+def _mask_with_two_per_group(sd):
+    mask = sd["fc2.weight_nm.mask"].clone().reshape(-1, 8)
+    mask[:, 0] = mask[:, 1] = True  # groups where position 0/1 was not the kept one now keep 2 or 3
+    sd["fc2.weight_nm.mask"] = mask.reshape(64, 64)
+
+
+def _config(**changes):
+    def mutate(sd):
+        config = json.loads(bytes(sd["fc2.weight_nm.config"].tolist()))
+        config.update(changes)
+        sd["fc2.weight_nm.config"] = torch.tensor(list(json.dumps(config).encode()), dtype=torch.uint8)
+    return mutate
+
+
+BAD = {
+    "step<0": (_set("fc2.weight_nm.step", torch.tensor(-5)), "step=-5 is not >= 0"),
+    "step float": (_set("fc2.weight_nm.step", torch.tensor(3.0)), "step must be an integer"),
+    "alpha nan": (_set("fc2.weight_nm.alpha", torch.tensor(float("nan"))), "alpha=nan"),
+    "alpha inf": (_set("fc2.weight_nm.alpha", torch.tensor(float("inf"))), "alpha=inf"),
+    "alpha>1": (_set("fc2.weight_nm.alpha", torch.tensor(1.5)), "alpha=1.5"),
+    "alpha int": (_set("fc2.weight_nm.alpha", torch.tensor(1)), "alpha must be a floating-point"),
+    "lambda<0": (_set("fc2.weight_nm.srste_lambda", torch.tensor(-1e-3)), "srste_lambda="),
+    "lambda nan": (_set("fc2.weight_nm.srste_lambda", torch.tensor(float("nan"))), "srste_lambda=nan"),
+    "mask all kept": (_set("fc2.weight_nm.mask", torch.ones(64, 64, dtype=torch.bool)), "not a valid 1:8 mask"),
+    "mask none kept": (_set("fc2.weight_nm.mask", torch.zeros(64, 64, dtype=torch.bool)), "not a valid 1:8 mask"),
+    "mask two kept": (_mask_with_two_per_group, "not a valid 1:8 mask"),
+    "mask nan float": (_set("fc2.weight_nm.mask", torch.full((64, 64), float("nan"))), "mask must be a bool tensor"),
+    "mask shape": (_set("fc2.weight_nm.mask", torch.ones(64, 8, dtype=torch.bool)), "mask has shape (64, 8)"),
+    "mask missing": (lambda sd: sd.pop("fc2.weight_nm.mask"), "mask is missing"),
+    "other pattern": (_config(pattern="2:8"), "pattern '2:8' in the checkpoint"),
+    "other method": (_config(method={"method": "ste", "version": 1}), "method"),
+    "newer format": (_config(format_version=FORMAT_VERSION + 1), "newer nmfx"),
+    "config garbage": (_set("fc2.weight_nm.config", torch.tensor([255, 0, 3], dtype=torch.uint8)), "not readable"),
+    "config float": (_set("fc2.weight_nm.config", torch.zeros(3)), "not readable"),
+    "config json list": (_set("fc2.weight_nm.config", torch.tensor(list(b"[1, 2]"), dtype=torch.uint8)), "not readable"),
+    "unknown entry": (_set("fc2.weight_nm.junk", torch.zeros(())), "unknown nmfx entries ['junk']"),
+    "no state": (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("fc2.weight_nm.")], "dense model"),
+    "stray state": (_set("out.weight_nm.step", torch.tensor(1)), "out.weight: the checkpoint has nmfx state"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_checkpoint_refused_before_anything_is_copied(case):
+    """The bad entry is in the *second* layer: a load that copied layer by layer would already have
+    overwritten the first (and the head) with the trained values."""
+    mutate, message = BAD[case]
+    checkpoint = _snapshot(_train(_sparsified(), 4))
+    mutate(checkpoint)
+    target = _sparsified(seed=5)
+    before, outputs = _snapshot(target), target(X)
+    with pytest.raises(ValueError, match="nothing was loaded") as info:
+        target.load_state_dict(checkpoint)
+    assert message in str(info.value)
+    assert "fc2.weight" in str(info.value) or "out.weight" in str(info.value)
+    _assert_same_state(target, before)
+    assert torch.equal(target(X), outputs)
+
+
+def test_first_problems_all_named():
+    checkpoint = _snapshot(_train(_sparsified(), 4))
+    checkpoint["fc1.weight_nm.alpha"] = torch.tensor(float("nan"))
+    checkpoint["fc2.weight_nm.step"] = torch.tensor(-5)
+    with pytest.raises(ValueError) as info:
+        _sparsified(seed=5).load_state_dict(checkpoint)
+    assert "fc1.weight: alpha=nan" in str(info.value) and "fc2.weight: step=-5" in str(info.value)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_bad=st.integers(0, 3), bad_count=st.sampled_from([0, 2, 3, 8]))
+def test_mask_accepted_exactly_when_every_group_keeps_n(seed, n_bad, bad_count):
+    """A random 1:8 mask with ``n_bad`` groups corrupted to keep ``bad_count``: loaded (and used) iff
+    ``n_bad == 0``."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.randint(0, 8, (64 * 8,), generator=g)
+    groups = torch.zeros(64 * 8, 8, dtype=torch.bool)
+    groups[torch.arange(64 * 8), keep] = True
+    for index in torch.randperm(64 * 8, generator=g)[:n_bad].tolist():
+        groups[index] = False
+        groups[index, torch.randperm(8, generator=g)[:bad_count]] = True
+    mask = groups.reshape(64, 64)
+    checkpoint = _snapshot(_sparsified(method="ste", total_steps=12))
+    checkpoint["fc1.weight_nm.mask"] = mask
+    target = _sparsified(method="ste", seed=1, total_steps=12)
+    if n_bad:
+        with pytest.raises(ValueError, match="not a valid 1:8 mask"):
+            target.load_state_dict(checkpoint)
+    else:
+        target.load_state_dict(checkpoint)
+        assert torch.equal(nmfx.masks(target)["fc1.weight"], mask)
+        expected = nn.functional.linear(X, torch.where(mask, target.fc1.weight, 0), target.fc1.bias)
+        assert torch.equal(target.fc1(X), expected)
+
+
+def test_mask_checked_against_the_pattern_of_the_checkpoint_step():
+    """SDGF at step 2 of 12 uses 7:8 masks (stepwise 7:8 -> 4:8 -> 2:8 -> 1:8): a 7:8 mask loads, the
+    target 1:8 mask is refused at that step, and accepted with a step in the last stage."""
+    source = _train(_sparsified("sdgf"), 2)
+    assert nmfx.states(source)["fc1.weight"].schedule.pattern == nmfx.Pattern(7, 8)
+    checkpoint = _snapshot(source)
+    target = _sparsified("sdgf", seed=2)
+    target.load_state_dict(checkpoint)
+    _assert_same_state(target, checkpoint)
+    target_mask = nmfx.nm_mask(source.fc1.weight, "1:8")
+    with pytest.raises(ValueError, match=r"not a valid 7:8 mask \(the pattern at step 2\)"):
+        target.load_state_dict({**checkpoint, "fc1.weight_nm.mask": target_mask})
+    late = {**checkpoint, "fc1.weight_nm.mask": target_mask, "fc2.weight_nm.mask": nmfx.nm_mask(source.fc2.weight, "1:8")}
+    late.update({f"fc{i}.weight_nm.step": torch.tensor(11) for i in (1, 2)})
+    target.load_state_dict(late)
+    assert torch.equal(nmfx.masks(target)["fc1.weight"], target_mask)
+
+
+def test_strict_false_gives_advice_that_works():
+    """torch runs load hooks with strict=True whatever the caller passed, so the refusal cannot suggest
+    strict=False; it says to load before sparsify, and that works."""
+    torch.manual_seed(9)
+    dense = MLP()
+    target = _sparsified()
+    with pytest.raises(ValueError) as info:
+        target.load_state_dict(dense.state_dict(), strict=False)
+    message = str(info.value)
+    assert "before nmfx.sparsify" in message and "pass strict=False" not in message
+    fresh = MLP()
+    fresh.load_state_dict(dense.state_dict())
+    nmfx.sparsify(fresh, "1:8", "mdgf", **CASES["mdgf"])
+    assert torch.equal(nmfx.masks(fresh)["fc1.weight"], nmfx.nm_mask(dense.fc1.weight, "1:8"))
+
+
+def test_loading_into_a_submodule_is_checked_too():
+    checkpoint = _snapshot(_train(_sparsified(), 4))
+    sub = {k[len("fc2."):]: v for k, v in checkpoint.items() if k.startswith("fc2.")}
+    target = _sparsified(seed=5)
+    with pytest.raises(ValueError, match="alpha=nan"):
+        target.fc2.load_state_dict({**sub, "weight_nm.alpha": torch.tensor(float("nan"))})
+    target.fc2.load_state_dict(sub)
+    assert torch.equal(nmfx.masks(target)["fc2.weight"], checkpoint["fc2.weight_nm.mask"])
+
+
+# -- format 1 ---------------------------------------------------------------------------------------
+def _format1(state_dict, model, **changes):
+    """The state_dict as nmfx format 1 wrote it: the config as a JSON string ``_extra_state``."""
+    out = {k: v for k, v in state_dict.items() if not k.endswith("_nm.config")}
+    for name, state in nmfx.states(model).items():
+        config = {**state.config_dict(), "format_version": 1, **changes}
+        out[f"{name}_nm._extra_state"] = json.dumps(config, sort_keys=True)
+    return out
+
+
+def test_format1_checkpoint_loads():
+    trained = _train(_sparsified(), 5)
+    target = _sparsified(seed=5)
+    target.load_state_dict(_format1(trained.state_dict(), trained))
+    _assert_same_state(target, _snapshot(trained))
+    with pytest.raises(ValueError, match="pattern '2:8' in the checkpoint"):
+        _sparsified(seed=5).load_state_dict(_format1(trained.state_dict(), trained, pattern="2:8"))
+
+
+def test_checked_model_still_pickles_and_copies():
+    model = _sparsified()
+    state = nmfx.states(model)["fc1.weight"]
+    state.mark_checked({"mask": state.mask})  # as a load refused later by torch would leave it
+    restored = pickle.loads(pickle.dumps(model))
+    assert torch.equal(restored(X), model(X))
+    assert torch.equal(copy.deepcopy(model)(X), model(X))
