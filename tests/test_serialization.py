@@ -375,6 +375,22 @@ def test_any_index_bytes_load_iff_every_position_is_below_m(tmp_path, data):
         watched.assert_unchanged()
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([1, 3, 5, 6, 7, 9, 12, 17, 24, 31]), st.integers(1, 5), st.integers(1, 6), st.integers(1, 40),
+       st.randoms(use_true_random=False))
+def test_invalid_code_scan_agrees_with_unpack_positions(m, n, rows, groups, rnd):
+    """The grouped scan that load uses finds exactly the rows whose decoded positions reach M."""
+    from nmfx.serialization import _invalid_rows
+
+    n = min(n, m)
+    bits, kept = index_bits(m), groups * n
+    nbytes = (kept * bits + 7) // 8
+    indices = torch.tensor([rnd.choice([0, 255, rnd.randrange(256)]) for _ in range(rows * nbytes)],
+                           dtype=torch.uint8).reshape(rows, nbytes)
+    expected = (unpack_positions(indices, bits, kept) >= m).any(dim=1)
+    assert torch.equal(_invalid_rows(indices, bits, kept, m), expected)
+
+
 # -- meta-device loads ---------------------------------------------------------------------------
 
 class WithBuffer(nn.Module):
