@@ -129,6 +129,10 @@ def sparsify(
                                   f"{module.reason}", frontend="per-module"))
     object.__setattr__(model, _RECORD_ATTR, SparsifyRecord(pattern, method, rows, frontend, note))
     model.register_load_state_dict_pre_hook(_refuse_mismatched_checkpoint)
+    if _is_transformers_model(model):
+        from nmfx.integrations.hf import install_save_pretrained  # imports transformers: only for its models
+
+        install_save_pretrained(model)
     if not any(row.status == "sparsified" for row in rows):
         reasons = sorted({row.reason for row in rows}) or ["no linear-like op with a parameter weight was found"]
         warnings.warn(f"nmfx.sparsify: nothing in {type(model).__name__} was sparsified ({'; '.join(reasons)[:300]}). "
@@ -221,6 +225,11 @@ def _nmfx_entries(state_dict, prefix: str, names) -> dict[str, dict[str, Any]]:
         if path.endswith(STATE_SUFFIX) and (weight in names or entry in known):
             grouped.setdefault(weight, {})[entry] = value
     return grouped
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
+               for cls in type(model).__mro__)
 
 
 def _adopt_roles(gm: fx.GraphModule, graph_roles: dict[str, str], frontend: str, whole_model: bool) -> fx.GraphModule:

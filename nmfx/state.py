@@ -176,7 +176,8 @@ def checkpoint_problems(state: NMState, entries: Mapping[str, Any], weight: Any 
     problems = [f"{key} is missing from the checkpoint" for key in STATE_KEYS[:4] if key not in entries]
     step = entries.get("step")
     step_ok = step is not None and _check_scalar(problems, "step", step, integer=True, low=0, high=None)
-    alpha_ok = "alpha" in entries and _check_scalar(problems, "alpha", entries["alpha"], integer=False, low=0.0, high=1.0)
+    alpha = entries.get("alpha")
+    alpha_ok = alpha is not None and _check_scalar(problems, "alpha", alpha, integer=False, low=0.0, high=1.0)
     if "srste_lambda" in entries:
         _check_scalar(problems, "srste_lambda", entries["srste_lambda"], integer=False, low=0.0, high=None)
     mask = entries.get("mask")
@@ -227,7 +228,7 @@ def mask_problem(mask: Tensor, pattern: Pattern, dim: int) -> str:
     if bad.numel() == 0:
         return ""
     first = int(bad[0, 0])
-    return (f"{bad.shape[0]} of {counts.numel()} groups keep another count than {pattern.n} "
+    return (f"{bad.shape[0]} of {counts.numel()} groups keep a count other than {pattern.n} "
             f"(group {first} keeps {int(counts[first])} of {pattern.m})")
 
 

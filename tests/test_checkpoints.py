@@ -1,8 +1,10 @@
 """Training checkpoints that travel: a tensors-only state_dict (safetensors round trip), all-or-nothing
-checked loads (every nmfx state before any copy) and nmfx format 1."""
+checked loads (every nmfx state before any copy), nmfx format 1, and Hugging Face ``save_pretrained`` /
+``from_pretrained`` of sparsified models (effective weights under the usual keys)."""
 
 import copy
 import json
+import os
 import pickle
 
 import pytest
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import nmfx
+from nmfx.ops import effective_weight
 from nmfx.state import FORMAT_VERSION
 
 
@@ -260,3 +263,137 @@ def test_checked_model_still_pickles_and_copies():
     restored = pickle.loads(pickle.dumps(model))
     assert torch.equal(restored(X), model(X))
     assert torch.equal(copy.deepcopy(model)(X), model(X))
+
+
+# -- Hugging Face -----------------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+from nmfx.integrations import hf  # noqa: E402  (needs transformers)
+
+
+def _gpt2(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _llama(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def _train_lm(model, steps):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(steps):
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        nmfx.step(model)
+    return model
+
+
+@pytest.fixture(autouse=False)
+def quiet_transformers():
+    transformers.logging.set_verbosity_error()
+    yield
+    transformers.logging.set_verbosity_warning()
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_save_pretrained_round_trip(build, tmp_path, quiet_transformers):
+    """Mid-schedule (alpha between 0 and 1): a plain from_pretrained computes what the sparsified model
+    computes; nmfx's from_pretrained restores the sparsified model itself, which trains on identically."""
+    model = _train_lm(nmfx.sparsify(build(), "1:8", "mdgf", total_steps=12), 3)
+    alpha = float(next(iter(nmfx.states(model).values())).alpha)
+    assert 0 < alpha < 1
+    logits = model(IDS).logits
+    model.save_pretrained(tmp_path)
+
+    record = json.loads((tmp_path / "config.json").read_text())["nmfx"]
+    assert record["pattern"] == "1:8" and record["method"]["method"] == "mdgf"
+    assert record["sparsified"] == sorted(nmfx.states(model)) and not hasattr(model.config, "nmfx")
+    saved = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    for name, state in nmfx.states(model).items():
+        weight = model.get_parameter(name).detach()
+        assert torch.equal(saved[name], effective_weight(weight, state.mask, state.alpha)), name
+        assert torch.equal(saved[f"{name}_nm.pruned"], weight[~state.mask])
+
+    plain = type(model).from_pretrained(tmp_path).eval()
+    assert torch.equal(plain(IDS).logits, logits)
+    dense = build()
+    dense.load_state_dict({k: v for k, v in model.state_dict().items() if "_nm." not in k}, strict=False)
+    assert not torch.allclose(dense(IDS).logits, logits)  # the dense weights would be another function
+
+    restored = hf.from_pretrained(type(model), tmp_path)
+    _assert_same_state(restored, _snapshot(model))
+    assert torch.equal(restored(IDS).logits, logits)
+    _train_lm(model, 2)
+    _train_lm(restored, 2)
+    _assert_same_state(restored, _snapshot(model))
+
+
+def test_inference_model_save_pretrained_refused(tmp_path, quiet_transformers):
+    model = nmfx.sparsify(_gpt2(), "1:8", "ste")
+    inference = nmfx.to_inference(model, backend="reference")
+    with pytest.raises(ValueError, match=r"nmfx\.save\(model, path\)"):
+        inference.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    copied = copy.deepcopy(model)
+    assert copied.save_pretrained.model is copied  # a copy saves itself, not the original
+
+
+def test_from_pretrained_refuses_what_nmfx_did_not_save(tmp_path, quiet_transformers):
+    _gpt2().save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match="no 'nmfx' record"):
+        hf.from_pretrained(transformers.GPT2LMHeadModel, tmp_path / "dense")
+
+    model = _train_lm(nmfx.sparsify(_gpt2(), "1:8", "mdgf", total_steps=12), 2)
+    model.save_pretrained(tmp_path / "sparse")
+    # loaded without nmfx and saved again: the record is in config.json, the nmfx tensors are gone
+    transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "sparse").save_pretrained(tmp_path / "resaved")
+    with pytest.raises(ValueError, match="hold no nmfx state"):
+        hf.from_pretrained(transformers.GPT2LMHeadModel, tmp_path / "resaved")
+
+    path = tmp_path / "sparse" / "model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    name = sorted(nmfx.states(model))[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name][~nmfx.masks(model)[name]] += 1.0  # a pruned position no longer matches the pruned values
+    safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not the effective weight of the pruned values"):
+        hf.from_pretrained(transformers.GPT2LMHeadModel, tmp_path / "sparse")
+
+    config = json.loads((tmp_path / "sparse" / "config.json").read_text())
+    config["nmfx"]["format_version"] = 99
+    (tmp_path / "sparse" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="newer than this nmfx"):
+        hf.from_pretrained(transformers.GPT2LMHeadModel, tmp_path / "sparse")
+
+
+def test_sparsify_warns_on_a_plainly_loaded_nmfx_checkpoint(tmp_path, quiet_transformers):
+    nmfx.sparsify(_gpt2(), "1:8", "ste").save_pretrained(tmp_path)
+    plain = transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert "nmfx" in plain.config.to_dict()
+    with pytest.warns(UserWarning, match=r"nmfx\.integrations\.hf\.from_pretrained"):
+        nmfx.sparsify(plain, "1:8", "ste")
+
+
+def test_save_pretrained_files_list(tmp_path, quiet_transformers):
+    """Only the usual files: config.json (with the record), generation_config.json, model.safetensors."""
+    nmfx.sparsify(_gpt2(), "1:8", "ste").save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors"]
+
+
+def test_sharded_save_pretrained_round_trip(tmp_path, quiet_transformers):
+    model = _train_lm(nmfx.sparsify(_gpt2(), "1:8", "sdgf", total_steps=12), 4)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists() and not (tmp_path / "model.safetensors").exists()
+    restored = hf.from_pretrained(transformers.GPT2LMHeadModel, tmp_path)
+    _assert_same_state(restored, _snapshot(model))
+    assert torch.equal(restored(IDS).logits, model(IDS).logits)

@@ -50,3 +50,65 @@ def test_trainer_callback_steps_and_logs(tmp_path):
     assert all(entry["nmfx/grad_norm_pruned"] > 0 for entry in logged)
     for name, state in states.items():
         assert torch.equal(state.mask, nmfx.nm_mask(model.get_parameter(name), "1:8"))
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=48, length=16, vocab=64):
+        self.ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _sparse_gpt2(seed):
+    """A tiny float64 GPT-2 (no dropout), sparsified with SDGF over 8 steps (stages 7:8 -> 4:8 -> 2:8 -> 1:8)."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
+                                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return nmfx.sparsify(transformers.GPT2LMHeadModel(config).double(), "1:8", "sdgf", total_steps=8)
+
+
+def _lm_trainer(model, out, **kwargs):
+    from nmfx.integrations.hf import NMSparsityCallback
+
+    transformers.logging.set_verbosity_error()
+    options = dict(output_dir=str(out), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+                   use_cpu=True, save_strategy="steps", save_steps=3, logging_steps=100)
+    trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**{**options, **kwargs}),
+                                   train_dataset=_Tokens())
+    NMSparsityCallback.attach(trainer)
+    return trainer
+
+
+def test_trainer_resume_is_bit_exact(tmp_path):
+    """8 steps straight vs 3 steps, a checkpoint (safetensors, optimizer, scheduler, RNG), a new Trainer and
+    model (another init) resumed to 8: every weight, mask and schedule buffer identical."""
+    straight = _sparse_gpt2(seed=0)
+    _lm_trainer(straight, tmp_path / "run").train()
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    assert (checkpoint / "model.safetensors").exists() and (checkpoint / "optimizer.pt").exists()
+    resumed = _sparse_gpt2(seed=1)
+    _lm_trainer(resumed, tmp_path / "resumed").train(resume_from_checkpoint=str(checkpoint))
+    expected = straight.state_dict()
+    assert all(int(s.step) == 8 for s in nmfx.states(resumed).values())
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_save_only_model_checkpoint_restores_the_sparsified_model(tmp_path):
+    """save_only_model=True writes no optimizer / RNG state (transformers: such checkpoints are for
+    from_pretrained, not for resuming); nmfx.integrations.hf.from_pretrained restores the model exactly."""
+    from nmfx.integrations.hf import from_pretrained
+
+    model = _sparse_gpt2(seed=0)
+    _lm_trainer(model, tmp_path, max_steps=3, save_only_model=True).train()
+    checkpoint = tmp_path / "checkpoint-3"
+    assert not (checkpoint / "optimizer.pt").exists()
+    restored = from_pretrained(transformers.GPT2LMHeadModel, checkpoint)
+    expected = model.state_dict()
+    assert all(int(s.step) == 3 for s in nmfx.states(restored).values())
+    for key, value in restored.state_dict().items():
+        assert torch.equal(value, expected[key]), key
