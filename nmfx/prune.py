@@ -144,7 +144,8 @@ def prune(
                     new, keep = _masked(weight, wanda_mask(weight, layer.column_sq, pattern))
                 else:
                     hessian = _hessian(model, batches, layer, stop_early=once.get(name, False))
-                    new, keep = sparsegpt_prune(weight, hessian, pattern, percdamp=percdamp, blocksize=blocksize, name=name)
+                    new, keep = sparsegpt_prune(weight, hessian, pattern, percdamp=percdamp, blocksize=blocksize, name=name,
+                                                overwrite_hessian=True)
                     del hessian
                 backups[name] = layer.param.detach().clone()
                 layer.write(new)
@@ -174,8 +175,10 @@ def wanda_mask(weight: Tensor, column_sq: Tensor, pattern: PatternLike) -> Tenso
 
 
 def sparsegpt_prune(weight: Tensor, hessian: Tensor, pattern: PatternLike, *, percdamp: float = DEFAULT_PERCDAMP,
-                    blocksize: int = DEFAULT_BLOCKSIZE, name: str = "weight") -> tuple[Tensor, Tensor]:
+                    blocksize: int = DEFAULT_BLOCKSIZE, name: str = "weight",
+                    overwrite_hessian: bool = False) -> tuple[Tensor, Tensor]:
     """SparseGPT on one ``[out, in]`` weight with ``hessian = X^T X`` (``[in, in]``): (new weight, N:M mask).
+    ``overwrite_hessian=True`` uses a float32 ``hessian`` as scratch space (saves one ``[in, in]`` copy).
 
     Computed in float32. Inputs that never fire (``H_jj == 0``) get ``H_jj = 1`` and their weights are
     zeroed (they contribute nothing). ``percdamp * mean(diag H)`` is added to the diagonal; when that is
@@ -190,7 +193,7 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, pattern: PatternLike, *, pe
         raise ValueError(f"{name}: input dim {cols} and blocksize {blocksize} must be multiples of M={m}")
     if tuple(hessian.shape) != (cols, cols):
         raise ValueError(f"{name}: the Hessian has shape {tuple(hessian.shape)}, expected {(cols, cols)}")
-    H = hessian.detach().float().clone()
+    H = hessian.detach() if overwrite_hessian and hessian.dtype == torch.float32 else hessian.detach().float().clone()
     dead = H.diagonal() == 0
     H.diagonal()[dead] = 1.0
     W[:, dead] = 0.0
@@ -262,13 +265,19 @@ def _masked(weight: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _inverse_cholesky(H: Tensor, percdamp: float, name: str) -> Tensor:
-    mean_diag = H.diagonal().mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    damp = percdamp
+    """The upper Cholesky factor of ``(H + damp I)^-1``; dampens ``H`` in place (no ``[in, in]`` identity or
+    sum is allocated: at most ``H`` and two factors are alive at once)."""
+    mean_diag = H.diagonal().mean().item()
+    damp, added = percdamp, 0.0
     while True:
-        lower, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        H.diagonal().add_(damp * mean_diag - added)
+        added = damp * mean_diag
+        lower, info = torch.linalg.cholesky_ex(H)
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0 and torch.isfinite(upper).all():
                 if damp != percdamp:
                     warnings.warn(f"nmfx.prune: {name}: the Hessian needed percdamp={damp:g} (asked {percdamp:g}) "
