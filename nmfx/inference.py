@@ -12,13 +12,15 @@ from torch import nn
 
 from nmfx.api import graphs, record, states
 from nmfx.inference_ops import BACKENDS
-from nmfx.meta import META_KEY, annotated_nodes
+from nmfx.layers import MaskedLinear, NMLinear, is_conv1d
+from nmfx.meta import META_KEY, PrunableOp, annotated_nodes
 from nmfx.packed import MAX_PACKED_M
 from nmfx.pattern import nm_mask
-from nmfx.passes.lower_inference import lower_inference
+from nmfx.passes.lower_inference import SEMI_SUFFIX, lower_inference, lower_weight
 from nmfx.passes.rewrite_modules import MaskedMultiheadAttention
 from nmfx.passes.verify import verify
 from nmfx.state import NMState
+from nmfx.tracing import TRACED_FROM_KEY
 
 __all__ = ["to_inference", "is_inference", "LOWERING_BACKENDS"]
 
@@ -31,6 +33,12 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
     """The deployable form of a sparsified model: every masked linear becomes ``nmfx::nm_linear`` over a
     packed N:M weight and the dense weights are dropped. Returns a copy unless ``inplace``, in eval mode
     with every parameter frozen (``nm_linear`` has no backward).
+
+    Each lowered ``nn.Linear`` (``MaskedLinear``) and transformers ``Conv1D`` becomes an
+    :class:`nmfx.layers.NMLinear` (the same object where it was one, so its hooks keep firing; buffers
+    ``weight_values`` / ``weight_indices``, no ``weight``). When CPU layers will run the plain-torch
+    reference because the C++ kernel cannot be built (backend ``"auto"`` / ``"cpu"``), a RuntimeWarning
+    says so, with the build error.
 
     Args:
         backend: ``"auto"`` (CPU: the C++ kernel when it builds, else the reference; CUDA sm80+:
@@ -64,12 +72,25 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
         with torch.no_grad():
             for name, state in states(target).items():
                 state.mask.copy_(nm_mask(target.get_parameter(name), state.pattern, dim=state.dim))
-    for gm in graphs(target).values():
+    _warn_if_reference(target, backend)
+    lowered: dict[str, PrunableOp] = {}
+    for scope, gm in graphs(target).items():
         lower_inference(gm, backend=backend, structure_only=_structure_only)
         verify(gm)
+        lowered.update((node.meta[META_KEY].weight, node.meta[META_KEY]) for node in annotated_nodes(gm.graph)
+                       if node.meta[META_KEY].status == "packed")
+        _replace_standalone_scope(target, scope, gm)
+    reasons = {row.name: row.reason for row in found.rows}
+    for name, module in list(target.named_modules()):
+        if isinstance(module, MaskedLinear):  # a MaskedLinear that no graph calls: it was sparsified alone
+            weight = f"{name}.weight" if name else "weight"
+            op = PrunableOp(kind="linear", weight=weight, target="weight", bias="bias" if module.bias is not None
+                            else None, transposed=False, weight_shape=tuple(module.weight.shape))
+            kind, why = lower_weight(module, "weight", op, backend, _structure_only)
+            reason = reasons.get(weight, "")
+            lowered[weight] = dataclasses.replace(op, kind=kind, status="packed",
+                                                  reason=f"{reason}; not semi-structured: {why}" if why else reason)
     _materialize_attention(target)
-    lowered = {node.meta[META_KEY].weight: node.meta[META_KEY] for gm in graphs(target).values()
-               for node in annotated_nodes(gm.graph) if node.meta[META_KEY].status == "packed"}
     rows = [dataclasses.replace(row, op=lowered[row.name].kind, status="packed", reason=lowered[row.name].reason)
             if row.name in lowered else row for row in found.rows]
     object.__setattr__(target, "_nmfx_record", dataclasses.replace(found, rows=rows, inference=True))
@@ -100,14 +121,74 @@ def _materialize_attention(model: nn.Module) -> None:
 def packed_layers(model: nn.Module) -> list[dict]:
     """Name, pattern and layout of every packed layer of an inference model (for file headers)."""
     pattern = str(record(model).pattern)
-    layers = []
+    layers: dict[str, dict] = {}
     for scope, gm in graphs(model).items():
         for node in annotated_nodes(gm.graph):
             op = node.meta[META_KEY]
             if op.status == "packed":
-                layers.append({"weight": op.weight, "shape": list(op.weight_shape), "transposed": op.transposed,
-                               "pattern": pattern, "kind": op.kind, "scope": scope})
-    return layers
+                layers.setdefault(op.weight, {"weight": op.weight, "shape": list(op.weight_shape),
+                                              "transposed": op.transposed, "pattern": pattern, "kind": op.kind,
+                                              "scope": scope})
+    for name, module in model.named_modules():
+        if isinstance(module, NMLinear):  # lowered alone, with no graph of its own
+            weight = f"{name}.weight" if name else "weight"
+            layers.setdefault(weight, {"weight": weight, "shape": list(module.weight_shape),
+                                       "transposed": module.transposed, "pattern": pattern, "kind": module.kind,
+                                       "scope": name})
+    return list(layers.values())
 
 
+def _warn_if_reference(model: nn.Module, backend: str) -> None:
+    """Warn (once per call) when CPU layers will run the plain-torch reference because the C++ kernel is missing."""
+    if backend not in ("auto", "cpu", "semi_structured"):
+        return
+    if not any(state.mask.device.type == "cpu" for state in states(model).values()):
+        return
+    from nmfx.kernels import cpu
 
+    if cpu.available():
+        return
+    warnings.warn(f"nmfx.to_inference: the C++ CPU kernel for nm_linear is unavailable ({cpu.build_error()}), so "
+                  "the packed layers run the plain-torch reference, which densifies the weight at every call "
+                  "(several times slower than the dense model). Fix the build (a C++ compiler and ninja; see the "
+                  "reason), or pass backend='reference' to choose that path explicitly.", RuntimeWarning, stacklevel=3)
+
+
+_CALL_HOOK_ATTRS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+                    "_is_full_backward_hook")
+
+
+def _replace_standalone_scope(model: nn.Module, scope: str, gm) -> None:
+    """A transformers ``Conv1D`` traced alone (its graph is one packed op over its own buffers) becomes an
+    :class:`NMLinear` with the same buffers and the same hook dicts (hooks registered on the graph module
+    keep firing)."""
+    cls = gm.meta.get(TRACED_FROM_KEY)
+    ops = [node.meta[META_KEY] for node in annotated_nodes(gm.graph)]
+    if cls is None or not is_conv1d(cls):
+        return
+    if len(ops) != 1 or ops[0].status != "packed" or ops[0].target != "weight" or list(gm.children()):
+        return
+    op = ops[0]
+    layer = NMLinear.__new__(NMLinear)
+    nn.Module.__init__(layer)
+    layer._setup(op.in_features, op.out_features, record(model).pattern, _node_backend(gm), op.kind, op.transposed)
+    if op.kind == "semi_structured":
+        layer.register_parameter("weight_semi", getattr(gm, "weight" + SEMI_SUFFIX))
+    else:
+        layer.register_buffer("weight_values", gm.weight_values)
+        layer.register_buffer("weight_indices", gm.weight_indices)
+    layer.register_parameter("bias", getattr(gm, "bias", None))
+    for attr in _CALL_HOOK_ATTRS:  # shared, so the handles of hooks registered on the graph module still work
+        if hasattr(gm, attr):
+            setattr(layer, attr, getattr(gm, attr))
+    layer.train(gm.training)
+    parent_name, _, child_name = scope.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child_name, layer)
+
+
+def _node_backend(gm) -> str:
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.nmfx.nm_linear.default:
+            return node.args[7]
+    return "auto"

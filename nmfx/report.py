@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import networkx as nx
 from torch import fx, nn
@@ -54,9 +54,10 @@ class Report(list):
 
     columns = ("name", "role", "op", "shape", "pattern", "density", "status", "reason", "frontend")
 
-    def __init__(self, rows, header: str = ""):
+    def __init__(self, rows, header: str = "", notes: Sequence[str] = ()):
         super().__init__(rows)
         self.header = header
+        self.notes = list(notes)  # e.g. hooks that can never run, printed under the table
 
     def __str__(self) -> str:
         cells = [[_cell(getattr(row, col)) for col in self.columns] for row in self]
@@ -64,6 +65,7 @@ class Report(list):
         line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
         out = [self.header] if self.header else []
         out += [line(self.columns), line(["-" * w for w in widths])] + [line(c) for c in cells]
+        out += [f"note: {note}" for note in self.notes]
         return "\n".join(out)
 
     @property
@@ -73,8 +75,11 @@ class Report(list):
 
 def report(model: nn.Module) -> Report:
     """Rows (name, role, op, shape, pattern, density, status, reason, frontend) for every weight nmfx
-    considered; ``density`` is that of the current hard mask. ``print(report)`` gives a table."""
+    considered; ``density`` is that of the current hard mask. ``print(report)`` gives a table, followed by
+    ``report.notes``: one line per module holding hooks that can never run (registered after
+    ``nmfx.sparsify`` on a module whose call a rewritten graph inlines)."""
     from nmfx.api import masks, record  # local: api imports this module
+    from nmfx.tracing import dead_hooks
 
     found = record(model)
     current = masks(model)
@@ -90,15 +95,18 @@ def report(model: nn.Module) -> Report:
     header = (f"nmfx: {sparsified}/{len(rows)} weights {kind} at {found.pattern} with method "
               f"{found.method.name}; analysis graph: {found.analysis_frontend}"
               + (f" ({found.analysis_note})" if found.analysis_note else ""))
-    return Report(rows, header)
+    return Report(rows, header, dead_hooks(model))
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
     """The graph as a DiGraph: one node per fx node (keyed by name) with ``op``, ``target`` and, for
-    annotated nodes, the nmfx annotation's fields (``nmfx_role``, ``nmfx_status``...)."""
+    annotated nodes, the nmfx annotation's fields (``nmfx_role``, ``nmfx_status``...); a ``call_module`` node also
+    gets ``module_type`` (e.g. ``MaskedLinear`` or ``NMLinear``)."""
     graph = nx.DiGraph()
     for node in gm.graph.nodes:
         attrs = {"op": node.op, "target": _target_name(node.target)}
+        if node.op == "call_module":  # e.g. a MaskedLinear / NMLinear that the graph calls
+            attrs["module_type"] = type(gm.get_submodule(node.target)).__name__
         op = node.meta.get(META_KEY)
         if op is not None:
             attrs.update({f"nmfx_{k}": v for k, v in dataclasses.asdict(op).items()})
@@ -113,11 +121,11 @@ def to_dot(gm: fx.GraphModule) -> str:
     graph = to_networkx(gm)
     lines = ["digraph nmfx {", "  node [shape=box, fontsize=10];"]
     for name, attrs in graph.nodes(data=True):
-        label = f"{name}\\n{attrs['target']}"
+        label = f"{name}\\n{attrs['target']}" + (f" ({attrs['module_type']})" if "module_type" in attrs else "")
         style = ""
         if "nmfx_role" in attrs:
             label += f"\\n{attrs['nmfx_role']} [{attrs['nmfx_status']}]"
-            color = "palegreen" if attrs["nmfx_status"] == "sparsified" else "lightgrey"
+            color = "palegreen" if attrs["nmfx_status"] in ("sparsified", "packed") else "lightgrey"
             style = f", style=filled, fillcolor={color}"
         lines.append(f'  "{name}" [label="{label}"{style}];')
     lines += [f'  "{u}" -> "{v}";' for u, v in graph.edges]

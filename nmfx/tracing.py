@@ -9,11 +9,23 @@
   hooks, down to the prunable leaves (an ``nn.Linear`` is always traceable). Only scopes that contain a
   prunable op are returned. The root is never replaced, so the user's model object keeps its class and
   methods (a transformers model keeps ``generate()`` and ``config``).
+
+Hooks. A traced graph calls the leaf modules (``torch.nn`` layers) and inlines every other submodule's
+forward, so hooks on an inlined module could never run. Therefore: a submodule that has hooks when it
+is traced is kept as a leaf (called, not inlined; its own children are looked at as scopes of their
+own); a module with hooks is never itself replaced by a graph (reported when that leaves a weight
+unsparsified), except a plain ``nn.Linear``, which is never replaced at all (:func:`install_scope` swaps
+its class to :class:`nmfx.layers.MaskedLinear`). After install, registering a hook on a module whose
+call was inlined (or on a module object that a graph replaced) warns, naming the module and what to do;
+:func:`dead_hooks` lists such hooks for ``nmfx.report``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -21,7 +33,16 @@ import torch
 from torch import fx, nn
 
 
-__all__ = ["Scope", "analysis_graph", "rewrite_scopes", "trace_module", "install_scope"]
+from nmfx.layers import MaskedLinear, is_plain_linear
+from nmfx.passes.rewrite_masked import keep_module_calls
+from nmfx.state import NMState
+
+__all__ = ["Scope", "analysis_graph", "rewrite_scopes", "trace_module", "install_scope", "has_hooks", "dead_hooks"]
+
+#: ``GraphModule.meta`` key: the class of the module a scope's graph was traced from.
+TRACED_FROM_KEY = "nmfx_traced_from"
+#: The per-module hook dicts whose entries run around a module's call.
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 SYMBOLIC = "fx.symbolic_trace"
 EXPORT = "torch.export"
@@ -47,16 +68,29 @@ class Untraced:
     reason: str
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """``module`` has forward (pre-)hooks or backward (pre-)hooks of its own."""
+    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+
+
+class _Tracer(fx.Tracer):
+    """``fx.Tracer`` that also keeps modules with hooks as leaves, so their hooks still run."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return has_hooks(m) or super().is_leaf_module(m, module_qualified_name)
+
+
 def trace_module(module: nn.Module) -> tuple[Optional[fx.GraphModule], str]:
     """Symbolically trace ``module`` alone; (graph module, "") or (None, why not)."""
-    if module._forward_hooks or module._forward_pre_hooks:
-        return None, "it has forward hooks, which a traced graph would drop"
+    if has_hooks(module) and not is_plain_linear(module):
+        return None, ("it has hooks, which a graph replacing it would drop; to sparsify it, remove them, sparsify, "
+                      "and register them again on model.get_submodule(<this name>)")
     was_training = module.training
     try:
         graphs = []
         for mode in (True, False):
             module.train(mode)
-            graphs.append(fx.Tracer().trace(module))
+            graphs.append(_Tracer().trace(module))
     except Exception as error:  # tracing user code can fail in any way; the reason is reported
         first_line = str(error).splitlines()[0][:160] if str(error) else ""
         return None, f"{type(error).__name__}: {first_line}"
@@ -89,6 +123,9 @@ def rewrite_scopes(model: nn.Module, has_prunable) -> tuple[list[Scope], list[Un
                 # Attention modules are leaves of the trace: their weights are rewritten at module level.
                 attention.extend((f"{name}.{sub}", m) for sub, m in module.named_modules()
                                  if sub and isinstance(m, nn.MultiheadAttention))
+                # Leaves kept only for their hooks are called as they are: look inside them separately.
+                for target in _hooked_leaves(gm):
+                    visit(f"{name}.{target}", gm.get_submodule(target))
                 return
             reason = f"it cannot be traced ({reason})"
         else:
@@ -105,7 +142,29 @@ def rewrite_scopes(model: nn.Module, has_prunable) -> tuple[list[Scope], list[Un
 
 
 def analysis_graph(model: nn.Module, example_inputs: Any = None) -> tuple[Optional[fx.GraphModule], str, str]:
-    """(whole-model graph or None, frontend name, note on what was tried)."""
+    """(whole-model graph or None, frontend name, note on what was tried). The model's hooks are
+    suspended meanwhile, so tracing never runs them on proxies or fake tensors."""
+    with _hooks_suspended(model):
+        return _analysis_graph(model, example_inputs)
+
+
+@contextlib.contextmanager
+def _hooks_suspended(model: nn.Module):
+    saved = []
+    for module in model.modules():
+        for attr in _HOOK_DICTS:
+            hooks = getattr(module, attr, None)
+            if hooks:
+                saved.append((module, attr, hooks))
+                setattr(module, attr, OrderedDict())
+    try:
+        yield
+    finally:
+        for module, attr, hooks in saved:
+            setattr(module, attr, hooks)
+
+
+def _analysis_graph(model: nn.Module, example_inputs: Any) -> tuple[Optional[fx.GraphModule], str, str]:
     notes = []
     args, kwargs = _inputs(model, example_inputs)
     if args is not None:
@@ -124,16 +183,88 @@ def analysis_graph(model: nn.Module, example_inputs: Any = None) -> tuple[Option
 
 
 def install_scope(model: nn.Module, scope: Scope) -> None:
-    """Put the (rewritten) graph module in place of the submodule it was traced from."""
+    """Apply a rewritten scope to the model: a plain ``nn.Linear`` traced alone keeps its object (its class
+    becomes :class:`~nmfx.layers.MaskedLinear` and it takes the graph's mask state); any other scope's
+    graph module replaces the submodule it was traced from, with the ``nn.Linear`` calls it rewrote kept
+    as calls of those (class-swapped) modules. Modules whose calls the graph inlines, and the replaced
+    object, warn when a hook is registered on them later."""
     parent_name, _, child_name = scope.name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child_name, scope.graph_module)
+    original = getattr(parent, child_name)
+    gm = scope.graph_module
+    if is_plain_linear(original):
+        for name, child in list(gm.named_children()):
+            if isinstance(child, NMState):
+                original.add_module(name, child)
+        original.__class__ = MaskedLinear
+        return
+    keep_module_calls(gm)
+    called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    for path, module in original.named_modules():
+        if path and not any(path == c or path.startswith(c + ".") for c in called) and not isinstance(module, NMState):
+            _warn_on_new_hooks(module, f"{scope.name}.{path}", f"its forward is inlined into the rewritten graph of "
+                               f"{scope.name!r}, so hooks on it never run; hook {scope.name!r} itself, or a layer it "
+                               "calls, or register the hook before nmfx.sparsify (a module with hooks is kept as a call)")
+    _warn_on_new_hooks(original, scope.name, f"nmfx.sparsify replaced this object by a rewritten graph module, so hooks "
+                       f"on it never run; register them on model.get_submodule({scope.name!r})")
+    setattr(parent, child_name, gm)
+
+
+class _InlinedHooks(OrderedDict):
+    """A hook dict of a module whose hooks can no longer run: adding an entry warns (the hook is kept, so
+    the handle's ``remove()`` works)."""
+
+    def __init__(self, items=(), message: str = "") -> None:
+        super().__init__()
+        for key, value in items:
+            OrderedDict.__setitem__(self, key, value)
+        self.message = message
+
+    def __setitem__(self, key, value) -> None:
+        if key not in self:
+            warnings.warn(self.message, UserWarning, stacklevel=3)
+        super().__setitem__(key, value)
+
+    def __reduce__(self):
+        return type(self), (list(self.items()), self.message)
+
+
+def _warn_on_new_hooks(module: nn.Module, name: str, why: str) -> None:
+    message = f"nmfx: a hook registered on {name!r} ({type(module).__name__}) will never run: {why}"
+    for attr in _HOOK_DICTS:
+        current = getattr(module, attr, None)
+        if isinstance(current, OrderedDict) and not isinstance(current, _InlinedHooks):
+            setattr(module, attr, _InlinedHooks(current.items(), message))
+
+
+def dead_hooks(model: nn.Module) -> list[str]:
+    """The warning text of every module in ``model`` that holds hooks which can never run."""
+    found = []
+    for module in model.modules():
+        dicts = [getattr(module, attr, None) for attr in _HOOK_DICTS]
+        dead = [d for d in dicts if isinstance(d, _InlinedHooks) and d]
+        if dead:
+            found.append(dead[0].message)
+    return found
+
+
+def _hooked_leaves(gm: fx.GraphModule) -> list[str]:
+    """``call_module`` targets that are leaves only because they have hooks (not ``torch.nn`` layers)."""
+    tracer = fx.Tracer()
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if has_hooks(module) and not tracer.is_leaf_module(module, node.target) and node.target not in out:
+                out.append(node.target)
+    return out
 
 
 def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """A GraphModule that keeps *all* of ``module``'s children (the real objects), its own parameters and
     buffers (with their persistence) and its plain attributes, so the state_dict keys stay the same."""
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    gm.meta[TRACED_FROM_KEY] = type(module)
     for name, child in module.named_children():
         setattr(gm, name, child)
     for name, param in module.named_parameters(recurse=False):

@@ -11,6 +11,11 @@ and deletes the dense weight and its ``NMState`` (training state) from the owner
 carried over with ``kind="nm_linear"`` and ``status="packed"``. ``structure_only=True`` allocates the
 buffers empty (their values are loaded from a file afterwards, see ``nmfx.load``).
 
+An owner that is an ``nn.Linear`` / :class:`~nmfx.layers.MaskedLinear` or a transformers ``Conv1D``
+becomes an :class:`~nmfx.layers.NMLinear` (its class is swapped: same object, same buffer names). A call
+of a ``MaskedLinear`` (``call_module``) stays a call of that module, now an ``NMLinear`` whose forward
+is ``nm_linear``; only its annotation changes. Other owners keep their class.
+
 ``backend="semi_structured"`` (and ``"auto"`` on CUDA sm80+ for 2:4-compatible patterns) lowers a layer
 instead to ``F.linear`` over ``torch.sparse.to_sparse_semi_structured(W * m)`` (PyTorch's 2:4 sparse
 tensor cores; a 1:8 mask is a valid 2:4 mask), stored as ``<owner>.<param>_semi``. The constraints
@@ -27,12 +32,14 @@ import torch
 from torch import fx
 
 import nmfx.inference_ops  # noqa: F401  (registers torch.ops.nmfx.nm_linear)
+from nmfx.layers import MaskedLinear, become_nm_linear, is_conv1d, is_plain_linear
 from nmfx.meta import META_KEY, PrunableOp, annotated_nodes
 from nmfx.ops import masked_linear
 from nmfx.packed import index_bits, pack_nm
+from nmfx.pattern import Pattern
 from nmfx.state import STATE_SUFFIX, NMState
 
-__all__ = ["lower_inference", "semi_structured_problem", "VALUES_SUFFIX", "INDICES_SUFFIX", "SEMI_SUFFIX"]
+__all__ = ["lower_inference", "lower_weight", "semi_structured_problem", "VALUES_SUFFIX", "INDICES_SUFFIX", "SEMI_SUFFIX"]
 
 VALUES_SUFFIX = "_values"
 INDICES_SUFFIX = "_indices"
@@ -55,56 +62,87 @@ def semi_structured_problem(weight: torch.Tensor, pattern, out_features: int, in
 
 
 def lower_inference(gm: fx.GraphModule, backend: str = "auto", structure_only: bool = False) -> fx.GraphModule:
-    """Lower every ``masked_linear`` node of ``gm`` in place; returns ``gm``."""
+    """Lower every ``masked_linear`` node and every call of a ``MaskedLinear`` of ``gm`` in place; returns ``gm``."""
     graph = gm.graph
-    lowered: dict[str, bool] = {}  # weight target -> lowered to semi-structured
+    lowered: dict[str, tuple[str, str, Pattern]] = {}  # weight target -> (kind, why not semi-structured, pattern)
+    dense = {}  # weight target -> (owner, param, annotation): dropped once no node reads it
     for node in annotated_nodes(graph):
-        if node.target is not masked_linear:
-            continue
         op: PrunableOp = node.meta[META_KEY]
+        module_call = node.op == "call_module" and isinstance(gm.get_submodule(node.target), MaskedLinear)
+        if node.target is not masked_linear and not module_call:
+            continue
         owner_path, _, param = op.target.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
-        state = getattr(owner, param + STATE_SUFFIX)
-        if not isinstance(state, NMState):
-            raise TypeError(f"{op.weight}: no nmfx state next to the weight; was the graph rewritten by nmfx?")
+        if op.target not in lowered:
+            lowered[op.target] = _pack_weight(owner, param, op, backend, structure_only)
+            dense[op.target] = (owner, param, op)
+        kind, reason, pattern = lowered[op.target]
+        annotation = dataclasses.replace(op, kind=kind, status="packed",
+                                         reason=f"{op.reason}; not semi-structured: {reason}" if reason else op.reason)
+        if module_call:  # the module itself is now an NMLinear: the call stays, so do its hooks
+            node.meta[META_KEY] = annotation
+            continue
         prefix = f"{owner_path}.{param}" if owner_path else param
         x, bias = node.args[0], node.args[3]
-        pattern = state.pattern
-        weight = getattr(owner, param) if hasattr(owner, param) else None
-        semi, reason = _wants_semi_structured(backend, weight, pattern, op)
-        if op.target not in lowered:
-            if semi:
-                _semi_into(owner, param, state, op)
-            else:
-                _pack_into(owner, param, state, op, structure_only)
-            lowered[op.target] = semi
         with graph.inserting_before(node):
-            if lowered[op.target]:
+            if kind == "semi_structured":
                 new = graph.call_function(torch.nn.functional.linear, (x, graph.get_attr(prefix + SEMI_SUFFIX), bias))
-                kind = "semi_structured"
             else:
                 values = graph.get_attr(prefix + VALUES_SUFFIX)
                 indices = graph.get_attr(prefix + INDICES_SUFFIX)
-                packed_backend = "auto" if backend == "semi_structured" else backend
                 new = graph.call_function(torch.ops.nmfx.nm_linear.default, (
-                    x, values, indices, bias, pattern.n, pattern.m, index_bits(pattern.m), packed_backend))
-                kind = "nm_linear"
+                    x, values, indices, bias, pattern.n, pattern.m, index_bits(pattern.m), _packed_backend(backend)))
         new.meta = dict(node.meta)
-        new.meta[META_KEY] = dataclasses.replace(op, kind=kind, status="packed",
-                                                 reason=f"{op.reason}; not semi-structured: {reason}" if reason else op.reason)
+        new.meta[META_KEY] = annotation
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     graph.eliminate_dead_code()
-    for target in lowered:
-        owner_path, _, param = target.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
-        if any(n.op == "get_attr" and n.target == target for n in graph.nodes):
+    for target, (owner, param, op) in dense.items():
+        if any(n.op == "get_attr" and n.target in (target, target + STATE_SUFFIX) for n in graph.nodes):
             raise RuntimeError(f"{target}: the dense weight is still read after lowering; not dropped")
-        delattr(owner, param)
-        delattr(owner, param + STATE_SUFFIX)
+        kind, _, pattern = lowered[target]
+        _drop_dense(owner, param, op, pattern, backend, kind, swap=owner is not gm)
     graph.lint()
     gm.recompile()
     return gm
+
+
+def lower_weight(owner: torch.nn.Module, param: str, op: PrunableOp, backend: str = "auto",
+                 structure_only: bool = False, swap: bool = True) -> tuple[str, str]:
+    """Pack ``owner.<param>`` by its mask (``owner.<param>_nm``) into buffers on ``owner``, drop the dense
+    weight and its state, and, when ``swap`` and ``owner`` is an ``nn.Linear`` / ``MaskedLinear`` or a
+    transformers ``Conv1D`` and ``param == "weight"``, swap ``owner``'s class to :class:`NMLinear`.
+    Returns (kind: ``"nm_linear"`` or ``"semi_structured"``, why semi-structured was refused or "")."""
+    kind, reason, pattern = _pack_weight(owner, param, op, backend, structure_only)
+    _drop_dense(owner, param, op, pattern, backend, kind, swap)
+    return kind, reason
+
+
+def _pack_weight(owner: torch.nn.Module, param: str, op: PrunableOp, backend: str,
+                 structure_only: bool) -> tuple[str, str, Pattern]:
+    state = getattr(owner, param + STATE_SUFFIX, None)
+    if not isinstance(state, NMState):
+        raise TypeError(f"{op.weight}: no nmfx state next to the weight; was the graph rewritten by nmfx?")
+    weight = getattr(owner, param) if hasattr(owner, param) else None
+    semi, reason = _wants_semi_structured(backend, weight, state.pattern, op)
+    if semi:
+        _semi_into(owner, param, state, op)
+    else:
+        _pack_into(owner, param, state, op, structure_only)
+    return ("semi_structured" if semi else "nm_linear"), reason, state.pattern
+
+
+def _drop_dense(owner: torch.nn.Module, param: str, op: PrunableOp, pattern: Pattern, backend: str, kind: str,
+                swap: bool) -> None:
+    convertible = is_plain_linear(owner) or (is_conv1d(owner) and op.transposed)
+    delattr(owner, param)
+    delattr(owner, param + STATE_SUFFIX)
+    if swap and param == "weight" and convertible:
+        become_nm_linear(owner, op.in_features, op.out_features, pattern, _packed_backend(backend), kind, op.transposed)
+
+
+def _packed_backend(backend: str) -> str:
+    return "auto" if backend == "semi_structured" else backend
 
 
 def _wants_semi_structured(backend: str, weight, pattern, op: PrunableOp) -> tuple[bool, str]:

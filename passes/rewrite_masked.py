@@ -11,6 +11,12 @@ and replaces the op node by::
 The replacement carries the original node's ``meta`` with the annotation's status set to
 ``"sparsified"``. With ``method="dense"`` or an ``M:M`` pattern the rewritten graph computes exactly
 what the original does; otherwise exactly the original with masked weights.
+
+A node that was a ``call_module`` of a plain ``nn.Linear`` also gets ``meta["nmfx_module_call"]`` (the
+module's path): the plan for :func:`keep_module_calls`, which the install step (``nmfx.sparsify``) runs
+to turn such nodes back into calls of the same module object, its class swapped to
+:class:`nmfx.layers.MaskedLinear`, so the hooks registered on it keep firing. This pass itself changes
+no module's class.
 """
 
 from __future__ import annotations
@@ -19,13 +25,17 @@ import dataclasses
 
 from torch import fx
 
+from nmfx.layers import MaskedLinear, is_plain_linear
 from nmfx.meta import META_KEY, PrunableOp, annotated_nodes, node_arg
 from nmfx.methods import Method
 from nmfx.ops import masked_linear
 from nmfx.pattern import Pattern
 from nmfx.state import STATE_SUFFIX, NMState
 
-__all__ = ["rewrite_masked"]
+__all__ = ["rewrite_masked", "keep_module_calls", "MODULE_CALL_KEY"]
+
+#: ``node.meta`` key of a masked node that replaced a ``call_module`` of a plain ``nn.Linear``.
+MODULE_CALL_KEY = "nmfx_module_call"
 
 
 def rewrite_masked(gm: fx.GraphModule, pattern: Pattern, method: Method) -> fx.GraphModule:
@@ -48,12 +58,40 @@ def rewrite_masked(gm: fx.GraphModule, pattern: Pattern, method: Method) -> fx.G
             )
         new.meta = dict(node.meta)
         new.meta[META_KEY] = dataclasses.replace(op, status="sparsified")
+        if node.op == "call_module" and is_plain_linear(gm.get_submodule(node.target)):
+            new.meta[MODULE_CALL_KEY] = node.target
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
     return gm
+
+
+def keep_module_calls(gm: fx.GraphModule) -> list[str]:
+    """Install step: every masked node planned as a module call (``meta["nmfx_module_call"]``) becomes a
+    ``call_module`` of that same ``nn.Linear`` object again, whose class is swapped to
+    :class:`~nmfx.layers.MaskedLinear` (it computes the same ``masked_linear``). Returns the module paths."""
+    graph = gm.graph
+    kept = []
+    for node in list(graph.nodes):
+        target = node.meta.get(MODULE_CALL_KEY)
+        if target is None or node.target is not masked_linear:
+            continue
+        module = gm.get_submodule(target)
+        if not isinstance(module, MaskedLinear):
+            module.__class__ = MaskedLinear
+        with graph.inserting_before(node):
+            call = graph.call_module(target, (node.args[0],))
+        call.meta = {k: v for k, v in node.meta.items() if k != MODULE_CALL_KEY}
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        kept.append(target)
+    if kept:
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+    return kept
 
 
 def _ensure_state(gm: fx.GraphModule, op: PrunableOp, pattern: Pattern, method: Method) -> tuple[str, NMState]:

@@ -4,6 +4,9 @@
 * every ``get_attr`` resolves to an attribute of the graph's module (no dangling weight or mask);
 * every ``masked_linear`` node reads a parameter weight and a bool mask buffer of the weight's shape,
   and carries an annotation whose status is ``"sparsified"``;
+* an annotated ``call_module`` node with status ``"sparsified"`` calls a :class:`nmfx.layers.MaskedLinear`
+  (with such a mask), one with status ``"packed"`` an :class:`nmfx.layers.NMLinear` (with its packed
+  buffers), and every call of those two types is annotated so;
 * no annotated node is left with status ``"sparsify"`` after the rewrite (``rewritten=True``).
 """
 
@@ -12,8 +15,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from nmfx.meta import META_KEY
 import nmfx.inference_ops  # noqa: F401  (registers torch.ops.nmfx.nm_linear)
+from nmfx.layers import MaskedLinear, NMLinear
+from nmfx.meta import META_KEY
+from nmfx.state import NMState
 from nmfx.ops import masked_linear
 
 __all__ = ["InvariantError", "verify"]
@@ -39,6 +44,8 @@ def verify(gm: fx.GraphModule, rewritten: bool = False) -> None:
             _check_masked(gm, node)
         if node.op == "call_function" and node.target is torch.ops.nmfx.nm_linear.default:
             _check_packed(gm, node)
+        if node.op == "call_module":
+            _check_module_call(gm, node)
         op = node.meta.get(META_KEY)
         if rewritten and op is not None and op.status == "sparsify":
             raise InvariantError(f"{op.weight}: chosen for sparsification but not rewritten")
@@ -68,6 +75,28 @@ def _check_packed(gm: fx.GraphModule, node: fx.Node) -> None:
     op = node.meta.get(META_KEY)
     if op is None or op.status != "packed":
         raise InvariantError(f"{node.name}: nm_linear without a 'packed' nmfx annotation")
+
+
+def _check_module_call(gm: fx.GraphModule, node: fx.Node) -> None:
+    module = _resolve(gm, node.target)
+    op = node.meta.get(META_KEY)
+    status = op.status if op is not None else None
+    for cls, want in ((MaskedLinear, "sparsified"), (NMLinear, "packed")):
+        if isinstance(module, cls) != (status == want):
+            raise InvariantError(f"{node.name}: a call of {type(module).__name__} {node.target!r} with nmfx status "
+                                 f"{status!r} (a {cls.__name__} call must be annotated {want!r}, and only it)")
+    if isinstance(module, MaskedLinear):
+        state = getattr(module, "weight_nm", None)
+        if not isinstance(state, NMState) or not isinstance(module.weight, torch.nn.Parameter):
+            raise InvariantError(f"{node.name}: MaskedLinear {node.target!r} lacks its weight or its weight_nm state")
+        if state.mask.dtype != torch.bool or state.mask.shape != module.weight.shape:
+            raise InvariantError(f"{node.name}: the mask of {node.target!r} is not a bool tensor of the weight's shape")
+    if isinstance(module, NMLinear):
+        if module.kind == "semi_structured":
+            if not isinstance(getattr(module, "weight_semi", None), torch.Tensor):
+                raise InvariantError(f"{node.name}: semi-structured NMLinear {node.target!r} has no weight_semi")
+        elif module.weight_indices.dtype != torch.uint8 or module.weight_values.dim() != 2:
+            raise InvariantError(f"{node.name}: NMLinear {node.target!r} needs [out, K] values and uint8 indices")
 
 
 def _resolve(gm: fx.GraphModule, target: str):

@@ -15,6 +15,7 @@ from torch import nn
 
 import nmfx
 from nmfx.examples import TinyViT
+from nmfx.layers import NMLinear
 
 X = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -50,8 +51,10 @@ def test_matches_trained_model_and_drops_dense_weights(vit, vit_inference):
     assert not vit_inference.training and not any(p.requires_grad for p in vit_inference.parameters())
     report = nmfx.report(vit_inference)
     assert len([r for r in report if r.status == "packed"]) == 12 and "packed for inference" in report.header
-    code = nmfx.graphs(vit_inference)["blocks.0"].code
-    assert code.count("torch.ops.nmfx.nm_linear.default") == 6 and "masked_linear" not in code
+    gm = nmfx.graphs(vit_inference)["blocks.0"]
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), NMLinear)]
+    assert len(calls) == 6 and all(n.meta["nmfx"].status == "packed" for n in calls) and "masked_linear" not in gm.code
+    assert type(vit_inference.blocks[0].q) is NMLinear and not hasattr(vit_inference.blocks[0].q, "weight")
     assert "blocks.0.q.weight" in nmfx.masks(vit) and vit.training is False  # the trained model is untouched
 
 
@@ -62,11 +65,10 @@ def test_cpu_backend_matches_reference(vit_inference, backend):
     if not cpu.available():
         pytest.skip("the C++ kernel could not be built here")
     fast = copy.deepcopy(vit_inference)
-    for gm in nmfx.graphs(fast).values():
-        for node in gm.graph.nodes:
-            if node.target is torch.ops.nmfx.nm_linear.default:
-                node.update_arg(7, backend)
-        gm.recompile()
+    layers = [m for m in fast.modules() if isinstance(m, NMLinear)]
+    assert len(layers) == 12 and {m.backend for m in layers} == {"reference"}
+    for layer in layers:
+        layer.backend = backend
     with torch.no_grad():
         torch.testing.assert_close(fast(X), vit_inference(X), rtol=1e-5, atol=1e-5)
 

@@ -1,0 +1,140 @@
+"""Lowered layers are a real module type (``NMLinear``), and ``to_inference`` says when it falls back to
+the plain-torch reference because the C++ kernel is unavailable."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nmfx
+from nmfx.examples import TinyViT
+from nmfx.layers import MaskedLinear, NMLinear
+
+X = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def vit_pair():
+    torch.manual_seed(0)
+    model = nmfx.sparsify(TinyViT(dim=32, depth=1, heads=2), "1:4", "ste").eval()
+    return model, nmfx.to_inference(model, backend="reference")
+
+
+def test_lowered_linears_are_nm_linear_modules(vit_pair):
+    model, inference = vit_pair
+    layers = {name: m for name, m in inference.named_modules() if isinstance(m, NMLinear)}
+    assert set(layers) == {f"blocks.0.{p}" for p in ("q", "k", "v", "o", "up", "down")}
+    up = layers["blocks.0.up"]
+    assert not isinstance(up, nn.Linear) and not hasattr(up, "weight") and not hasattr(up, "weight_nm")
+    assert (up.in_features, up.out_features, str(up.pattern), up.kind, up.transposed) == (32, 128, "1:4", "nm_linear", False)
+    assert repr(up) == "NMLinear(in_features=32, out_features=128, pattern=1:4, bias=True, backend=reference)"
+    assert type(inference.head) is nn.Linear  # the skipped head stays dense
+    assert repr(model.blocks[0].up).startswith("MaskedLinear(\n  in_features=32, out_features=128, bias=True\n"
+                                               "  (weight_nm): NMState(weight, pattern=1:4, method=ste")
+    torch.testing.assert_close(up.dense_weight(), model.blocks[0].up.weight * model.blocks[0].up.weight_nm.mask)
+
+
+def test_state_dict_keys_are_the_packed_names(vit_pair):
+    model, inference = vit_pair
+    sparsified = {row.name for row in nmfx.report(model).sparsified}
+    expected = set()
+    for key in model.state_dict():
+        weight = key.split("_nm.")[0]
+        if weight in sparsified:
+            if key == weight:
+                expected |= {weight + "_values", weight + "_indices"}
+        else:
+            expected.add(key)
+    assert set(inference.state_dict()) == expected
+    assert "blocks.0.q.weight_values" in expected and "blocks.0.q.bias" in expected
+
+
+def test_quantize_dynamic_skips_nm_linear_and_quantizes_the_dense_head(vit_pair):
+    model, inference = vit_pair
+    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(inference), {nn.Linear}, dtype=torch.qint8)
+    assert type(quantized.blocks[0].q) is NMLinear
+    assert "quantized" in type(quantized.head).__module__
+    with torch.no_grad():
+        expected, got = model(X), quantized(X)
+    assert got.shape == expected.shape and torch.isfinite(got).all()
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max() + 1e-3
+
+
+def test_nm_linear_works_standalone():
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 6)
+    layer = NMLinear.from_linear(linear, "2:4", backend="reference")
+    mask = nmfx.nm_mask(linear.weight, "2:4")
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(layer(x), F.linear(x, linear.weight * mask, linear.bias))
+    assert set(layer.state_dict()) == {"weight_values", "weight_indices", "bias"}
+    blank = NMLinear(16, 6, "2:4", backend="reference")
+    blank.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(blank(x), layer(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="multiple of M=4"):
+        NMLinear(10, 6, "2:4")
+    with pytest.raises(ValueError, match="backend"):
+        NMLinear(16, 6, "2:4", backend="gpu")
+
+
+def test_gpt2_conv1d_owners_become_nm_linear():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
+                                                                n_positions=16))
+    nmfx.sparsify(gpt2, "1:8", "ste")
+    c_attn = gpt2.transformer.h[0].attn.c_attn  # traced alone: a graph module until lowered
+    calls = []
+    c_attn.register_forward_hook(lambda *args: calls.append(1))
+    inference = nmfx.to_inference(gpt2, backend="reference", inplace=True)
+    block = inference.transformer.h[0]
+    for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+        assert type(layer) is NMLinear and layer.transposed and not hasattr(layer, "weight")
+    assert (block.attn.c_attn.in_features, block.attn.c_attn.out_features) == (32, 96)
+    assert set(nmfx.graphs(inference)) == {"transformer.h.0.mlp"}  # Conv1D graphs became NMLinear modules
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        inference(ids)
+    assert calls == [1]  # the hook registered on the graph module moved to the NMLinear
+    assert {layer["weight"] for layer in nmfx.inference.packed_layers(inference)} == {
+        f"transformer.h.0.{p}.weight" for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+
+
+def _fake_unavailable(monkeypatch):
+    from nmfx.kernels import cpu
+
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    monkeypatch.setattr(cpu, "build_error", lambda: "CalledProcessError: c++ exited with 1 (test)")
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_reference_fallback_warns_once_with_the_reason(vit_pair, monkeypatch, backend):
+    model, _ = vit_pair
+    _fake_unavailable(monkeypatch)
+    with pytest.warns(RuntimeWarning) as caught:
+        nmfx.to_inference(model, backend=backend)
+    mine = [w for w in caught if "to_inference" in str(w.message)]
+    assert len(mine) == 1 and "c++ exited with 1 (test)" in str(mine[0].message)
+    assert mine[0].filename == __file__  # points at the caller
+
+
+def test_no_fallback_warning_for_the_explicit_reference_or_a_working_kernel(vit_pair, monkeypatch):
+    model, _ = vit_pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _fake_unavailable(monkeypatch)
+        nmfx.to_inference(model, backend="reference")
+        monkeypatch.setattr(nmfx.kernels.cpu, "available", lambda: True)
+        nmfx.to_inference(model, backend="auto")
+
+
+def test_training_model_keeps_masked_linear_until_lowered(vit_pair):
+    model, inference = vit_pair
+    assert type(model.blocks[0].q) is MaskedLinear and isinstance(model.blocks[0].q.weight, nn.Parameter)
+    assert not any(isinstance(m, MaskedLinear) for m in inference.modules())
