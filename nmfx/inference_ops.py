@@ -23,6 +23,12 @@ C++ kernel in ``nmfx/kernels/nm_linear_cpu.cpp`` (it falls back to the reference
 kernel cannot be built); ``"auto"`` uses the C++ kernel for CPU tensors when it is available and the
 reference otherwise (no warning off the CPU). The C++ kernel accumulates in fp32 whatever the dtype.
 
+Bounds: a stored in-group position ``>= M`` (a corrupted or mismatched weight) is refused with a
+``ValueError`` by the reference and by the C++ kernel (which checks each indices tensor once while it
+is unmodified, and clamps positions so it never reads outside ``x`` in any case); the Triton kernels
+mask such a position out (it contributes nothing) rather than synchronise the device to check.
+``nmfx.load`` checks every position once when a file is loaded, with :func:`first_invalid_position`.
+
 From a lowering pass, with ``p = pack_nm(weight, pattern, mask)`` stored as buffers::
 
     y = torch.ops.nmfx.nm_linear(x, p.values, p.indices, bias, p.pattern.n, p.pattern.m, p.index_bits, "auto")
@@ -41,7 +47,7 @@ import torch.nn.functional as F
 
 from nmfx.packed import MAX_PACKED_M, PackedNMWeight, index_bits as _index_bits, unpack_positions
 
-__all__ = ["nm_linear", "nm_linear_reference", "nm_linear_packed", "BACKENDS"]
+__all__ = ["nm_linear", "nm_linear_reference", "nm_linear_packed", "first_invalid_position", "BACKENDS"]
 
 BACKENDS = ("auto", "cpu", "reference", "triton")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -90,6 +96,37 @@ def _check(
     return out, k, inp
 
 
+def _first_over(positions: torch.Tensor, m: int) -> Optional[tuple]:
+    """(row, k, position) of the first entry of uint8 ``positions`` ``[rows, K]`` that is >= m, or None."""
+    if positions.numel() == 0 or int(positions.max()) < m:
+        return None
+    flat = int(torch.nonzero((positions >= m).flatten())[0])
+    row, k = divmod(flat, positions.shape[1])
+    return row, k, int(positions[row, k])
+
+
+def first_invalid_position(indices: torch.Tensor, index_bits: int, m: int, k: int) -> Optional[tuple]:
+    """``(row, kept value, position)`` of the first stored in-group position ``>= m`` in ``indices``
+    (uint8, ``[rows, K]`` bytes when ``index_bits == 8``, else bit-packed rows as in
+    :func:`nmfx.packed.pack_positions`), or None when every position is valid.
+
+    Vectorised, one pass over the indices; bit-packed rows are decoded a block of rows at a time
+    (bounded temporary memory). Bit-packed indices of a power-of-two ``m`` cannot hold an invalid
+    position, so they are not read. For checking a file once at load time (the C++ kernel checks the
+    indices it is given itself; see ``nmfx/kernels/nm_linear_cpu.cpp``).
+    """
+    if index_bits != 8 and (1 << index_bits) == m:
+        return None
+    if index_bits == 8:
+        return _first_over(indices, m)
+    rows_per_block = max(1, (1 << 22) // max(1, k * 8))  # ~4 MB of decode temporaries per block
+    for r0 in range(0, indices.shape[0], rows_per_block):
+        bad = _first_over(unpack_positions(indices[r0 : r0 + rows_per_block], index_bits, k), m)
+        if bad is not None:
+            return bad[0] + r0, bad[1], bad[2]
+    return None
+
+
 def nm_linear_reference(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -102,8 +139,15 @@ def nm_linear_reference(
     """The oracle: rebuild the dense masked weight and call ``F.linear`` (same arguments as the op)."""
     out, k, inp = _check(x, values, indices, bias, n, m, index_bits, "reference")
     positions = indices if index_bits == 8 else unpack_positions(indices, index_bits, k)
+    bad = _first_over(positions, m)
+    if bad is not None:
+        raise ValueError(
+            f"nm_linear: indices hold in-group position {bad[2]} >= M={m} (row {bad[0]}, kept value {bad[1]}); "
+            f"the packed weight is corrupted or does not match its {n}:{m} pattern"
+        )
     cols = (torch.arange(k, device=values.device) // n * m).unsqueeze(0) + positions.long()
-    weight = torch.zeros(out, inp, dtype=values.dtype, device=values.device).scatter_(1, cols, values)
+    # scatter_add: two kept values of a group at one position (not a valid packing) add, as in the kernels.
+    weight = torch.zeros(out, inp, dtype=values.dtype, device=values.device).scatter_add_(1, cols, values)
     return F.linear(x, weight, bias)
 
 

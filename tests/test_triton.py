@@ -28,6 +28,7 @@ import nmfx.inference_ops as ops  # noqa: E402
 from nmfx.inference_ops import nm_linear_reference  # noqa: E402
 from nmfx.kernels import triton_nm  # noqa: E402
 from nmfx.kernels.triton_nm import nm_linear_triton  # noqa: E402
+from nmfx.packed import pack_positions  # noqa: E402
 from tests.nm_cases import random_case as _case  # noqa: E402
 
 PATTERNS = ["2:4", "1:4", "2:8", "1:8", "1:16", "1:32", "3:8"]
@@ -172,6 +173,25 @@ def test_property(interp, pattern, dtype, batch, inp_groups, out, with_bias, pac
     _, packed, x, b = _case(pattern, dtype, (batch,), inp_groups, out, seed, with_bias)
     y, idx, bits = _run(x, packed, b, bits=None if packed_bits else 8)
     _assert_matches(y, x, packed, b, idx, bits)
+
+
+@pytest.mark.parametrize("pattern,bits", [("1:8", 8), ("1:24", 5), ("2:6", 3), ("2:6", 8)])
+@pytest.mark.parametrize("path", ["gemv", "tiled"])
+def test_invalid_positions_contribute_nothing(interp, pattern, bits, path):
+    """Stored positions >= M (a corrupted weight; 5-bit codes 24..31 for 1:24, 255 bytes) are masked out
+    by both kernels: no read past x (the last group's are the ones that would leave it), and the
+    result is the reference with those kept values dropped."""
+    p, packed, x, b = _case(pattern, torch.float32, (3 if path == "gemv" else 17,), 4, 9, 5, True)
+    pos = packed.positions().clone()
+    g = torch.Generator().manual_seed(1)
+    bad = torch.rand(pos.shape, generator=g) < 0.3
+    bad[:, -1] = True  # the last kept value of every row: its column would lie past the end of x
+    pos[bad] = 255 if bits == 8 else (1 << bits) - 1
+    idx = pos if bits == 8 else pack_positions(pos, bits)
+    y = nm_linear_triton(x, packed.values, idx, b, p.n, p.m, bits, path=path)
+    dropped = torch.where(bad, torch.zeros_like(packed.values), packed.values)
+    ref = nm_linear_reference(x, dropped, packed.positions(), b, p.n, p.m, 8)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_raise(interp):

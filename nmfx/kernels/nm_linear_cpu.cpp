@@ -34,6 +34,15 @@
 //    weights stream once per tile. Results go through a 16 x BT local buffer and are written
 //    transposed as contiguous pieces of y rows.
 //
+// Bounds: the entry point checks every argument itself (devices, ranks, shapes, dtypes, 1 <= N <= M
+// <= 32, index_bits = 8 or ceil(log2 M), the indices' width; non-contiguous inputs are copied), and
+// rejects indices that store an in-group position >= M before any kernel runs: one scan of the
+// indices where such a code is representable (index_bits = 8, or bit-packed with M not a power of
+// two, e.g. 5-bit codes 24..31 for M = 24); the stored bit-packed format of a power-of-two M cannot
+// hold one, so it is not scanned. Independently, every decoder clamps positions to M - 1 (one min per
+// vector; the permute paths read fixed windows of x whatever the positions), so no read leaves x even
+// if the indices change during the call.
+//
 // Index decode: positions come either one per byte (vpmovzxbd) or bit-packed (b = 1..5 bits): for VW
 // values starting at a multiple of 8, load the 2b (AVX-512) / b (AVX2) bytes holding them, broadcast
 // to every 128-bit lane, vpshufb the two bytes covering each value into its dword, vpsrlvd by the bit
@@ -62,9 +71,12 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
+#include <mutex>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -122,11 +134,14 @@ static inline Vf vcvt(const c10::Half* p) {
 static inline Vi vadd_i(Vi a, Vi b) { return _mm512_add_epi32(a, b); }
 static inline Vi vmul_i(Vi a, int32_t b) { return _mm512_mullo_epi32(a, _mm512_set1_epi32(b)); }
 static inline void vistore(int32_t* p, Vi v) { _mm512_storeu_si512(p, v); }
-// In-group positions of VW = 16 kept values k .. k+15 (k a multiple of 16) as int32 lanes.
+static inline Vi vmax_u(Vi a, Vi b) { return _mm512_max_epu32(a, b); }
+static inline uint32_t vmax_reduce(Vi v) { return _mm512_reduce_max_epu32(v); }
+// In-group positions of VW = 16 kept values k .. k+15 (k a multiple of 16) as int32 lanes: `raw`
+// as stored, `positions` clamped to M - 1 (see "Bounds" at the top).
 struct Decoder {
-  int bits;
-  __m512i ctl, shift, mask;
-  explicit Decoder(int b) : bits(b) {
+  int bits, last;
+  __m512i ctl, shift, mask, lastv;
+  Decoder(int b, int m) : bits(b), last(m - 1) {
     alignas(64) int32_t c[16], s[16];
     for (int j = 0; j < 16; ++j) {
       const int bo = (j * b) & 127;  // unused when b == 8
@@ -136,13 +151,17 @@ struct Decoder {
     ctl = _mm512_load_si512(c);
     shift = _mm512_load_si512(s);
     mask = _mm512_set1_epi32(b >= 8 ? 0xff : (1 << b) - 1);
+    lastv = _mm512_set1_epi32(last);
   }
   // `avail`: bytes readable from `row` (to the end of the tensor).
-  inline Vi positions(const uint8_t* row, int64_t avail, int64_t k) const {
+  inline Vi raw(const uint8_t* row, int64_t avail, int64_t k) const {
     if (bits == 8) return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)));
     const __m128i src = load_row_bytes<16>(row, k / 8 * bits, avail);
     const __m512i w = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(src), ctl);
     return _mm512_and_si512(_mm512_srlv_epi32(w, shift), mask);
+  }
+  inline Vi positions(const uint8_t* row, int64_t avail, int64_t k) const {
+    return _mm512_min_epu32(raw(row, avail, k), lastv);
   }
 };
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -176,11 +195,18 @@ static inline Vf vcvt(const c10::Half* p) {
 static inline Vi vadd_i(Vi a, Vi b) { return _mm256_add_epi32(a, b); }
 static inline Vi vmul_i(Vi a, int32_t b) { return _mm256_mullo_epi32(a, _mm256_set1_epi32(b)); }
 static inline void vistore(int32_t* p, Vi v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
-// In-group positions of VW = 8 kept values k .. k+7 (k a multiple of 8) as int32 lanes.
+static inline Vi vmax_u(Vi a, Vi b) { return _mm256_max_epu32(a, b); }
+static inline uint32_t vmax_reduce(Vi v) {
+  alignas(32) uint32_t l[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(l), v);
+  return *std::max_element(l, l + 8);
+}
+// In-group positions of VW = 8 kept values k .. k+7 (k a multiple of 8) as int32 lanes: `raw` as
+// stored, `positions` clamped to M - 1.
 struct Decoder {
-  int bits;
-  __m256i ctl, shift, mask;
-  explicit Decoder(int b) : bits(b) {
+  int bits, last;
+  __m256i ctl, shift, mask, lastv;
+  Decoder(int b, int m) : bits(b), last(m - 1) {
     alignas(32) int32_t c[8], s[8];
     for (int j = 0; j < 8; ++j) {
       const int bo = (j * b) & 63;
@@ -190,12 +216,16 @@ struct Decoder {
     ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(c));
     shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(s));
     mask = _mm256_set1_epi32(b >= 8 ? 0xff : (1 << b) - 1);
+    lastv = _mm256_set1_epi32(last);
   }
-  inline Vi positions(const uint8_t* row, int64_t avail, int64_t k) const {
+  inline Vi raw(const uint8_t* row, int64_t avail, int64_t k) const {
     if (bits == 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k)));
     const __m128i src = load_row_bytes<8>(row, k / 8 * bits, avail);
     const __m256i w = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(src), ctl);
     return _mm256_and_si256(_mm256_srlv_epi32(w, shift), mask);
+  }
+  inline Vi positions(const uint8_t* row, int64_t avail, int64_t k) const {
+    return _mm256_min_epu32(raw(row, avail, k), lastv);
   }
 };
 #else
@@ -217,16 +247,19 @@ static inline Vf vcvt(const T* p) { return static_cast<float>(*p); }
 static inline Vi vadd_i(Vi a, Vi b) { return a + b; }
 static inline Vi vmul_i(Vi a, int32_t b) { return a * b; }
 static inline void vistore(int32_t* p, Vi v) { *p = v; }
+static inline Vi vmax_u(Vi a, Vi b) { return std::max(a, b); }
+static inline uint32_t vmax_reduce(Vi v) { return static_cast<uint32_t>(v); }
 struct Decoder {
-  int bits;
-  explicit Decoder(int b) : bits(b) {}
-  inline Vi positions(const uint8_t* row, int64_t avail, int64_t k) const {
+  int bits, last;
+  Decoder(int b, int m) : bits(b), last(m - 1) {}
+  inline Vi raw(const uint8_t* row, int64_t avail, int64_t k) const {
     if (bits == 8) return row[k];
     const int64_t bp = k * bits, by = bp >> 3;
     uint32_t w = row[by];
     if (by + 1 < avail) w |= static_cast<uint32_t>(row[by + 1]) << 8;
     return static_cast<int32_t>((w >> (bp & 7)) & ((1u << bits) - 1u));
   }
+  inline Vi positions(const uint8_t* row, int64_t avail, int64_t k) const { return std::min(raw(row, avail, k), last); }
 };
 #endif
 
@@ -241,7 +274,8 @@ constexpr int RG = 16;             // output rows per write-back group in the ba
 // Index decoding: absolute column (times `mul`) of kept values k0 .. k0+cnt of one row
 // (k0 a multiple of VW). Whole vectors through Decoder (pshufb + variable shift), then a scalar tail.
 // ---------------------------------------------------------------------------------------------
-static inline int32_t position_scalar(const uint8_t* row, int64_t avail, int bits, int64_t k) {
+// Stored position of kept value k of a row, as is.
+static inline int32_t raw_position(const uint8_t* row, int64_t avail, int bits, int64_t k) {
   if (bits == 8) return row[k];
   const int64_t bp = k * bits, by = bp >> 3;
   uint32_t w = row[by];
@@ -249,17 +283,22 @@ static inline int32_t position_scalar(const uint8_t* row, int64_t avail, int bit
   return static_cast<int32_t>((w >> (bp & 7)) & ((1u << bits) - 1u));
 }
 
+// The same, clamped to `last` = M - 1 so that no column leaves its group (see "Bounds").
+static inline int32_t position_scalar(const uint8_t* row, int64_t avail, int bits, int32_t last, int64_t k) {
+  return std::min(raw_position(row, avail, bits, k), last);
+}
+
 static inline void decode_cols(const Decoder& D, const uint8_t* row, int64_t avail, const int32_t* colbase,
                                int64_t k0, int cnt, int32_t mul, int32_t* out) {
   int i = 0;
   for (; i < cnt && ((k0 + i) % VW) != 0; ++i)  // scalar head up to a vector boundary
-    out[i] = (colbase[k0 + i] + position_scalar(row, avail, D.bits, k0 + i)) * mul;
+    out[i] = (colbase[k0 + i] + position_scalar(row, avail, D.bits, D.last, k0 + i)) * mul;
   for (; i + VW <= cnt; i += VW) {
     Vi c = vadd_i(D.positions(row, avail, k0 + i), viload(colbase + k0 + i));
     if (mul != 1) c = vmul_i(c, mul);
     vistore(out + i, c);
   }
-  for (; i < cnt; ++i) out[i] = (colbase[k0 + i] + position_scalar(row, avail, D.bits, k0 + i)) * mul;
+  for (; i < cnt; ++i) out[i] = (colbase[k0 + i] + position_scalar(row, avail, D.bits, D.last, k0 + i)) * mul;
 }
 
 // Values k0 .. k0+cnt of a row as fp32: the row itself for fp32, else converted into `buf`.
@@ -319,7 +358,7 @@ static void gemv_rows(const Problem& P, const XE* x, const T* vals, const uint8_
     const XE* xs = x;
     for (; k + STEP <= P.K; k += STEP, xs += span) step(acc, vrow, irow, avail, k, xs);
     for (; k < P.K; ++k) {
-      const int32_t c = colbase[k] + position_scalar(irow, avail, P.bits, k);
+      const int32_t c = colbase[k] + position_scalar(irow, avail, P.bits, P.m - 1, k);
       const float w = to_f(vrow[k]);
       for (int b = 0; b < NB; ++b) tail[b] += w * to_f(x[b * P.in + c]);
     }
@@ -520,7 +559,7 @@ static void run_gemv(const Problem& P, const T* x, const T* vals, const uint8_t*
     for (int64_t i = 0; i < P.B * P.in; ++i) xbuf[i] = to_f(x[i]);
     xf = xbuf.data();
   }
-  const Decoder D(P.bits);
+  const Decoder D(P.bits, P.m);
   at::parallel_for(0, P.out, 16, [&](int64_t o0, int64_t o1) {
     for_batch_blocks(P.B, [&](auto nb, int64_t b0) {
       gemv_block<T, decltype(nb)::value>(P, D, xf + b0 * P.in, vals, idx, bias, o0, o1, y + b0 * P.out, P.out);
@@ -610,7 +649,7 @@ static void sweep_batch_tiles(const Problem& P, const T* x, const T* bias, T* y,
 
 template <typename T, int NV>
 static void run_batched(const Problem& P, const T* x, const T* vals, const uint8_t* idx, const T* bias, T* y) {
-  const Decoder D(P.bits);
+  const Decoder D(P.bits, P.m);
   sweep_batch_tiles<float, NV * VW, rows_per_tile<NV>()>(P, x, bias, y, [&](auto rows, int64_t o, const float* xt, float* out) {
     tile_rows<T, decltype(rows)::value, NV>(P, D, vals + o * P.K, idx + o * P.row_bytes, (P.out - o) * P.row_bytes, xt, out);
   });
@@ -745,7 +784,7 @@ static inline void tile_rows_bf16dp(const Problem& P, const Decoder& D, const c1
 template <int BT>
 static void run_batched_bf16dp(const Problem& P, const c10::BFloat16* x, const c10::BFloat16* vals,
                                const uint8_t* idx, const c10::BFloat16* bias, c10::BFloat16* y) {
-  const Decoder D(P.bits);
+  const Decoder D(P.bits, P.m);
   constexpr int RB = BT == 16 ? 16 : BT == 32 ? 8 : 4;
   sweep_batch_tiles<c10::BFloat16, BT, RB>(P, x, bias, y, [&](auto rows, int64_t o, const c10::BFloat16* xt, float* out) {
     tile_rows_bf16dp<decltype(rows)::value, BT>(P, D, vals + o * P.K, idx + o * P.row_bytes, (P.out - o) * P.row_bytes,
@@ -753,6 +792,79 @@ static void run_batched_bf16dp(const Problem& P, const c10::BFloat16* x, const c
   });
 }
 #endif
+
+// ---------------------------------------------------------------------------------------------
+// Bounds: true when some row of `idx` stores a position >= M. Only layouts whose codes can exceed
+// M - 1 are scanned (bytes; bit-packed with M not a power of two); bit-packed power-of-two M has no
+// invalid code. Bytes: a vectorised byte maximum per row; bit-packed: the decoder's raw positions.
+// ---------------------------------------------------------------------------------------------
+static bool codes_can_exceed_m(const Problem& P) { return P.bits == 8 || (1 << P.bits) != P.m; }
+
+static bool any_invalid_position(const Problem& P, const uint8_t* idx) {
+  std::atomic<bool> bad{false};
+  const Decoder D(P.bits, P.m);
+  const uint32_t last = static_cast<uint32_t>(P.m - 1);
+  at::parallel_for(0, P.out, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, P.row_bytes)), [&](int64_t o0, int64_t o1) {
+    uint32_t mx = 0;
+    if (P.bits == 8) {
+      uint8_t m8 = 0;
+      const uint8_t* p = idx + o0 * P.row_bytes;
+      const int64_t len = (o1 - o0) * P.row_bytes;
+      for (int64_t i = 0; i < len; ++i) m8 = std::max(m8, p[i]);
+      mx = m8;
+    } else {
+      for (int64_t o = o0; o < o1; ++o) {
+        const uint8_t* row = idx + o * P.row_bytes;
+        const int64_t avail = (P.out - o) * P.row_bytes;
+        Vi vm = Vi{};
+        int64_t k = 0;
+        for (; k + VW <= P.K; k += VW) vm = vmax_u(vm, D.raw(row, avail, k));
+        mx = std::max(mx, vmax_reduce(vm));
+        for (; k < P.K; ++k) mx = std::max(mx, static_cast<uint32_t>(raw_position(row, avail, P.bits, k)));
+      }
+    }
+    if (mx > last) bad.store(true, std::memory_order_relaxed);
+  });
+  return bad.load();
+}
+
+// Indices tensors already scanned and found valid. A layer passes the same indices buffer on every
+// call, so the scan runs once per tensor: an entry matches while that TensorImpl is alive (a weak
+// reference) and still has the same data pointer, shape, layout tag and version counter (torch bumps
+// it on every in-place write). Writes that bypass the counter (through .numpy() or a raw pointer) are
+// not seen; the decoders' clamp still keeps every read inside x. Inference tensors have no version
+// counter and are scanned on every call.
+class ValidIndices {
+ public:
+  bool contains(const at::Tensor& t, int64_t tag) {
+    if (t.is_inference()) return false;
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = map_.find(t.unsafeGetTensorImpl());
+    if (it == map_.end()) return false;
+    const Entry& e = it->second;
+    const auto alive = e.impl.lock();
+    return alive.get() == t.unsafeGetTensorImpl() && e.data == t.const_data_ptr() && e.tag == tag &&
+           e.version == t._version() && e.sizes == t.sizes().vec();
+  }
+  void insert(const at::Tensor& t, int64_t tag) {
+    if (t.is_inference()) return;
+    std::lock_guard<std::mutex> g(mu_);
+    if (map_.size() >= 4096) map_.clear();  // bounded: a model has far fewer layers
+    map_.insert_or_assign(t.unsafeGetTensorImpl(),
+                          Entry{c10::weak_intrusive_ptr<c10::TensorImpl>(t.getIntrusivePtr()), t.const_data_ptr(),
+                                t._version(), tag, t.sizes().vec()});
+  }
+
+ private:
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::TensorImpl> impl;
+    const void* data;
+    int64_t version, tag;
+    std::vector<int64_t> sizes;
+  };
+  std::mutex mu_;
+  std::unordered_map<const c10::TensorImpl*, Entry> map_;
+};
 
 // Largest batch the GEMV path takes (beyond it the batched path wins; see "Measured").
 template <typename T>
@@ -796,25 +908,60 @@ static void dispatch(const Problem& P, const T* x, const T* vals, const uint8_t*
 at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
                      const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, int64_t index_bits,
                      int64_t path) {
-  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && indices.device().is_cpu(),
+  // Every argument is checked here (whoever calls): no read below leaves x, values, indices or bias.
+  TORCH_CHECK_VALUE(x.device().is_cpu() && values.device().is_cpu() && indices.device().is_cpu() &&
+                  !(bias.has_value() && bias->defined() && !bias->device().is_cpu()),
               "nmfx cpu kernel: tensors must be on the CPU");
-  TORCH_CHECK(values.dim() == 2, "values must be [out, K]");
-  TORCH_CHECK(indices.scalar_type() == at::kByte && indices.dim() == 2, "indices must be uint8 [out, *]");
-  TORCH_CHECK(x.scalar_type() == values.scalar_type(), "x and values must share a dtype");
-  TORCH_CHECK(n >= 1 && m >= n && m <= 256, "bad N:M");
-  TORCH_CHECK(index_bits == 8 || (index_bits >= 1 && index_bits <= 5), "index_bits must be 8 or 1..5");
+  TORCH_CHECK_VALUE(!x.is_sparse() && !values.is_sparse() && !indices.is_sparse(), "nmfx cpu kernel: dense tensors only");
+  TORCH_CHECK_VALUE(values.dim() == 2, "nmfx cpu kernel: values must be [out, K], got ", values.dim(), " dimensions");
+  TORCH_CHECK_VALUE(indices.scalar_type() == at::kByte && indices.dim() == 2,
+              "nmfx cpu kernel: indices must be uint8 [out, row_bytes], got ", indices.scalar_type(), " with ",
+              indices.dim(), " dimensions");
+  TORCH_CHECK_VALUE(x.scalar_type() == values.scalar_type(), "nmfx cpu kernel: x and values must share a dtype, got ",
+              x.scalar_type(), " and ", values.scalar_type());
+  TORCH_CHECK_VALUE(n >= 1 && m >= n && m <= 32, "nmfx cpu kernel: need 1 <= N <= M <= 32, got ", n, ":", m);
+  int64_t want_bits = 1;  // ceil(log2 M), at least 1 (nmfx.packed.index_bits)
+  while ((int64_t(1) << want_bits) < m) ++want_bits;
+  TORCH_CHECK_VALUE(index_bits == 8 || index_bits == want_bits, "nmfx cpu kernel: index_bits must be 8 or ", want_bits,
+              " for M=", m, ", got ", index_bits);
   Problem P;
   P.out = values.size(0);
   P.K = values.size(1);
   P.n = static_cast<int>(n);
   P.m = static_cast<int>(m);
   P.bits = static_cast<int>(index_bits);
-  TORCH_CHECK(P.K % n == 0, "values.size(1) must be a multiple of N");
+  TORCH_CHECK_VALUE(P.K % n == 0, "nmfx cpu kernel: values.size(1) = ", P.K, " must be a multiple of N = ", n);
   P.in = P.K / n * m;
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == P.in, "x.size(-1) must be in_features = K / N * M");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == P.in, "nmfx cpu kernel: x must be [..., ", P.in,
+              "] (in_features = K / N * M), got ", x.sizes());
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "nmfx cpu kernel supports float32, bfloat16, float16; got ", x.scalar_type());
   P.row_bytes = index_bits == 8 ? P.K : (P.K * index_bits + 7) / 8;
-  TORCH_CHECK(indices.size(0) == P.out && indices.size(1) == P.row_bytes, "indices has the wrong shape");
-  TORCH_CHECK(P.in < (int64_t(1) << 31) / 64, "in_features too large");
+  TORCH_CHECK_VALUE(indices.size(0) == P.out && indices.size(1) == P.row_bytes, "nmfx cpu kernel: indices must be [",
+              P.out, ", ", P.row_bytes, "] for index_bits=", index_bits, " and K=", P.K, ", got ", indices.sizes());
+  TORCH_CHECK_VALUE(P.in < (int64_t(1) << 31) / 64, "nmfx cpu kernel: in_features too large");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias)
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == P.out && bias->scalar_type() == x.scalar_type(),
+                "nmfx cpu kernel: bias must be [", P.out, "] of x's dtype, got ", bias->scalar_type(), " ",
+                bias->sizes());
+  // Non-contiguous inputs are copied; every pointer below addresses a dense, contiguous tensor.
+  const at::Tensor ix = indices.contiguous();
+  const uint8_t* ip = ix.const_data_ptr<uint8_t>();
+  static ValidIndices valid_indices;
+  const int64_t tag = (n << 16) | (m << 8) | index_bits;
+  if (codes_can_exceed_m(P) && !valid_indices.contains(ix, tag)) {
+    if (any_invalid_position(P, ip)) {  // error path: name the first one
+      for (int64_t o = 0; o < P.out; ++o)
+        for (int64_t k = 0; k < P.K; ++k) {
+          const int32_t pos = raw_position(ip + o * P.row_bytes, (P.out - o) * P.row_bytes, P.bits, k);
+          TORCH_CHECK_VALUE(pos < m, "nmfx cpu kernel: indices hold in-group position ", pos, " >= M=", m, " (row ",
+                            o, ", kept value ", k, "); the packed weight is corrupted or does not match its ", n,
+                            ":", m, " pattern");
+        }
+    }
+    valid_indices.insert(ix, tag);
+  }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = P.out;
   at::Tensor x2 = x.reshape({-1, P.in}).contiguous();
@@ -823,19 +970,13 @@ at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Te
   if (P.B == 0 || P.out == 0) return y.reshape(out_shape);
   if (P.K == 0) {
     y.zero_();
-    if (bias.has_value() && bias->defined()) y.add_(*bias);
+    if (has_bias) y.add_(*bias);
     return y.reshape(out_shape);
   }
-  at::Tensor v = values.contiguous();
-  at::Tensor ix = indices.contiguous();
-  at::Tensor bs;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == P.out && bias->scalar_type() == x.scalar_type(), "bias must be [out], x's dtype");
-    bs = bias->contiguous();
-  }
+  const at::Tensor v = values.contiguous();
+  const at::Tensor bs = has_bias ? bias->contiguous() : at::Tensor();
   P.colbase.resize(static_cast<size_t>(P.K));
   for (int64_t k = 0; k < P.K; ++k) P.colbase[k] = static_cast<int32_t>(k / n * m);
-  const uint8_t* ip = ix.const_data_ptr<uint8_t>();
   switch (x.scalar_type()) {
 #define NMFX_CASE(ST, T)                                                                                  \
   case ST:                                                                                                \
@@ -847,7 +988,7 @@ at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Te
     NMFX_CASE(at::kHalf, c10::Half)
 #undef NMFX_CASE
     default:
-      TORCH_CHECK(false, "nmfx cpu kernel supports float32, bfloat16, float16; got ", x.scalar_type());
+      TORCH_CHECK_VALUE(false, "nmfx cpu kernel supports float32, bfloat16, float16; got ", x.scalar_type());
   }
   return y.reshape(out_shape);
 }

@@ -67,9 +67,11 @@ static void mask_groups(const T* w, bool* out, int64_t g0, int64_t g1, int n, in
 
 // Mask of `w` (any shape, contiguous, last dimension a multiple of M) grouped along its last dimension.
 at::Tensor nm_mask(const at::Tensor& w, int64_t n, int64_t m) {
-  TORCH_CHECK(w.device().is_cpu(), "nmfx cpu nm_mask: the tensor must be on the CPU");
-  TORCH_CHECK(n >= 1 && m >= n && m <= 256, "nmfx cpu nm_mask: bad N:M ", n, ":", m);
-  TORCH_CHECK(w.dim() >= 1 && w.size(-1) % m == 0, "nmfx cpu nm_mask: last dimension must be a multiple of M");
+  // Every argument is checked here; the per-group scratch arrays hold M <= 256 (nmfx.pattern.MAX_M).
+  TORCH_CHECK_VALUE(w.device().is_cpu() && !w.is_sparse(), "nmfx cpu nm_mask: the tensor must be a dense CPU tensor");
+  TORCH_CHECK_VALUE(n >= 1 && m >= n && m <= 256, "nmfx cpu nm_mask: need 1 <= N <= M <= 256, got ", n, ":", m);
+  TORCH_CHECK_VALUE(w.dim() >= 1 && w.size(-1) % m == 0, "nmfx cpu nm_mask: last dimension must be a multiple of M=",
+                    m, ", got shape ", w.sizes());
   const at::Tensor src = w.contiguous();
   at::Tensor out = at::empty(src.sizes(), src.options().dtype(at::kBool));
   const int64_t groups = src.numel() / m;
@@ -88,7 +90,7 @@ at::Tensor nm_mask(const at::Tensor& w, int64_t n, int64_t m) {
     NMFX_MASK_CASE(at::kHalf, c10::Half)
 #undef NMFX_MASK_CASE
     default:
-      TORCH_CHECK(false, "nmfx cpu nm_mask supports float32, bfloat16, float16; got ", src.scalar_type());
+      TORCH_CHECK_VALUE(false, "nmfx cpu nm_mask supports float32, bfloat16, float16; got ", src.scalar_type());
   }
   return out;
 }

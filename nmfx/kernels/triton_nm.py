@@ -33,6 +33,11 @@ with cuobjdump: no GEMV config spills; a few tiled ones spill <= 200 B). Under t
 fixed config is used (autotuning there would only be slow). Speed is unmeasured on a GPU so far; see
 ``benchmarks/bench_gpu.py``.
 
+Bounds: every load is masked to its tensor (``col < in_features`` for x). Positions are not checked
+against ``M`` on the host (that would cost a device sync per call; ``nmfx.load`` checks them once):
+a stored position ``>= M`` contributes nothing in either kernel (GEMV masks it; the tiled kernel's
+``pos == j`` decode never places it in a real column), where the C++ kernel and the reference raise.
+
 Index layout: **the kernels read the stored bit-packed ``indices`` directly** (``index_bits = b =
 ceil(log2 M)``): kept value ``k``'s position lives at stream bits ``[k*b, (k+1)*b)``; the kernel loads
 byte ``(k*b) >> 3`` (and, when ``b`` does not divide 8, i.e. b = 3 or 5, the next byte, which the
@@ -172,7 +177,9 @@ def _nm_gemv_kernel(
                 word = word | (tl.load(i_rows + byte[None, :] + 1, mask=hi_ok, other=0).to(tl.int32) << 8)
             pos = (word >> (bit & 7)[None, :]) & ((1 << BITS) - 1)
         col = (kk // N * M)[None, :] + pos
-        xg = tl.load(x_rows + col[None, :, :], mask=b_mask[:, None, None] & mask[None, :, :], other=0.0)
+        # A stored position >= M (corrupted indices) is never read: it contributes nothing.
+        x_ok = mask & (pos < M) & (col < IN)
+        xg = tl.load(x_rows + col[None, :, :], mask=b_mask[:, None, None] & x_ok[None, :, :], other=0.0)
         acc += tl.sum(xg.to(tl.float32) * v[None, :, :], axis=2)
     out_mask = b_mask[:, None] & o_mask[None, :]
     if PARTIAL:  # fp32 [split, B, OUT]; the host sums the splits and adds the bias
