@@ -120,11 +120,13 @@ def rewrite_scopes(model: nn.Module, has_prunable) -> tuple[list[Scope], list[Un
             if gm is not None:
                 if has_prunable(gm, name):
                     scopes.append(Scope(name, gm))
+                # Leaves kept only for their hooks are called as they are: look inside them separately.
+                hooked = _hooked_leaves(gm)
                 # Attention modules are leaves of the trace: their weights are rewritten at module level.
                 attention.extend((f"{name}.{sub}", m) for sub, m in module.named_modules()
-                                 if sub and isinstance(m, nn.MultiheadAttention))
-                # Leaves kept only for their hooks are called as they are: look inside them separately.
-                for target in _hooked_leaves(gm):
+                                 if sub and isinstance(m, nn.MultiheadAttention)
+                                 and not any(sub == h or sub.startswith(h + ".") for h in hooked))
+                for target in hooked:
                     visit(f"{name}.{target}", gm.get_submodule(target))
                 return
             reason = f"it cannot be traced ({reason})"

@@ -262,3 +262,40 @@ def test_compile_fullgraph_no_recompiles_with_masked_linear_calls():
     exported = torch.export.export(model.eval(), (X,))
     ops = [n for n in exported.graph.nodes if n.target is torch.ops.nmfx.masked_linear.default]
     assert len(ops) == 6
+
+
+class _AttentionBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = _AttentionBlock()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.proj(self.inner(x))
+
+
+def test_attention_inside_a_hooked_leaf_is_rewritten_once():
+    torch.manual_seed(0)
+    original = nn.Sequential(_Outer()).eval()
+    model = copy.deepcopy(original)
+    calls = []
+    model[0].inner.register_forward_hook(lambda *args: calls.append(1))
+    nmfx.sparsify(model, "1:4", "ste")
+    names = [row.name for row in nmfx.report(model).sparsified]
+    assert len(names) == len(set(names))
+    assert {"0.inner.attn.in_proj_weight", "0.inner.attn.out_proj.weight", "0.inner.fc.weight",
+            "0.proj.weight"} <= set(names)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _masked_reference(original, model)(x), rtol=1e-6, atol=1e-6)
+    assert calls == [1]

@@ -8,6 +8,7 @@ pass that silently matches nothing fails.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -826,3 +827,83 @@ def test_to_networkx_and_dot_carry_annotations():
     assert all(graph.has_edge(inp.name, node.name) for node in gm.graph.nodes for inp in node.all_input_nodes)
     dot = nmfx.to_dot(gm)
     assert dot.startswith("digraph") and dot.count("palegreen") == 4 and dot.count("lightgrey") == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# keep_module_calls (install step) and lower_inference on module calls
+# ----------------------------------------------------------------------------------------------
+class TestModuleCalls:
+    def _kept(self, pattern="2:4"):
+        from nmfx.passes.rewrite_masked import keep_module_calls
+
+        torch.manual_seed(0)
+        module = PlainMLP()
+        gm = rewrite(module, pattern)
+        expected = gm(torch.ones(2, 8))
+        assert sorted(keep_module_calls(gm)) == ["l1", "l2"]
+        return module, gm, expected
+
+    def test_masked_nodes_become_calls_of_the_same_objects(self):
+        from nmfx.layers import MaskedLinear
+
+        module, gm, expected = self._kept()
+        verify(gm, rewritten=True)
+        assert masked_nodes(gm) == []
+        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in ("l1", "l2")]
+        assert len(calls) == 2 and all(n.meta[META_KEY].status == "sparsified" for n in calls)
+        assert gm.l1 is module.l1 and type(module.l1) is MaskedLinear
+        assert torch.equal(gm(torch.ones(2, 8)), expected)
+        graph = nmfx.to_networkx(gm)
+        assert graph.nodes[calls[0].name]["module_type"] == "MaskedLinear"
+        assert "(MaskedLinear)" in nmfx.to_dot(gm)
+
+    def test_module_call_invariants(self):
+        _, gm, _ = self._kept()
+        call = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "l1")
+        del call.meta[META_KEY]
+        with pytest.raises(InvariantError, match="MaskedLinear call must be annotated 'sparsified'"):
+            verify(gm)
+        _, gm, _ = self._kept()
+        gm.l2.weight_nm.mask = torch.ones(3, dtype=torch.bool)
+        with pytest.raises(InvariantError, match="mask of 'l2'"):
+            verify(gm)
+
+    def test_lowering_keeps_the_calls_and_swaps_to_nm_linear(self):
+        from nmfx.layers import NMLinear
+        from nmfx.passes.lower_inference import lower_inference
+
+        module, gm, expected = self._kept()
+        lower_inference(gm, backend="reference")
+        verify(gm)
+        assert type(module.l1) is NMLinear and gm.l1 is module.l1 and not hasattr(module.l1, "weight")
+        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in ("l1", "l2")]
+        assert [n.meta[META_KEY].status for n in calls] == ["packed", "packed"]
+        assert [n.meta[META_KEY].kind for n in calls] == ["nm_linear", "nm_linear"]
+        torch.testing.assert_close(gm(torch.ones(2, 8)), expected)
+        call = calls[0]
+        call.meta[META_KEY] = dataclasses.replace(call.meta[META_KEY], status="skip")
+        with pytest.raises(InvariantError, match="NMLinear call must be annotated 'packed'"):
+            verify(gm)
+
+    def test_inlined_owner_of_a_functional_linear_becomes_nm_linear_too(self):
+        from nmfx.layers import NMLinear
+        from nmfx.passes.lower_inference import lower_inference
+
+        class Functional(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(8, 4)
+
+            def forward(self, x):
+                return F.linear(x, self.fc.weight, self.fc.bias) + self.fc(x)  # read inline and called
+
+        torch.manual_seed(0)
+        module = Functional()
+        gm = rewrite(module, "1:4")
+        x = torch.randn(2, 8)
+        expected = gm(x)
+        lower_inference(gm, backend="reference")
+        verify(gm)
+        assert type(module.fc) is NMLinear  # the same weight: one owner, packed once
+        assert sum(n.target is torch.ops.nmfx.nm_linear.default for n in gm.graph.nodes) == 2
+        torch.testing.assert_close(gm(x), expected)
