@@ -223,7 +223,10 @@ def mask_problem(mask: Tensor, pattern: Pattern, dim: int) -> str:
     size = mask.shape[dim]
     if size % pattern.m:
         return f"dimension {dim} has size {size}, not divisible by M={pattern.m}"
-    counts = mask.movedim(dim, -1).reshape(-1, pattern.m).sum(-1, dtype=torch.int16)
+    data = mask.movedim(dim, -1).contiguous().view(torch.uint8)  # summing bytes is ~4x faster than bools
+    if data.numel() and int(data.max()) > 1:
+        return "it holds bytes other than 0 and 1 (not a valid bool tensor)"
+    counts = data.reshape(-1, pattern.m).sum(-1, dtype=torch.int16)
     bad = (counts != pattern.n).nonzero()
     if bad.numel() == 0:
         return ""

@@ -106,6 +106,13 @@ def _mask_with_two_per_group(sd):
     sd["fc2.weight_nm.mask"] = mask.reshape(64, 64)
 
 
+def _mask_with_a_byte_2(sd):
+    """A bool tensor whose storage holds a 2 (safetensors reads raw bytes): not a valid bool tensor."""
+    data = sd["fc2.weight_nm.mask"].clone().view(torch.uint8)
+    data[data == 1] = 2
+    sd["fc2.weight_nm.mask"] = data.view(torch.bool)
+
+
 def _config(**changes):
     def mutate(sd):
         config = json.loads(bytes(sd["fc2.weight_nm.config"].tolist()))
@@ -126,6 +133,7 @@ BAD = {
     "mask all kept": (_set("fc2.weight_nm.mask", torch.ones(64, 64, dtype=torch.bool)), "not a valid 1:8 mask"),
     "mask none kept": (_set("fc2.weight_nm.mask", torch.zeros(64, 64, dtype=torch.bool)), "not a valid 1:8 mask"),
     "mask two kept": (_mask_with_two_per_group, "not a valid 1:8 mask"),
+    "mask bytes": (_mask_with_a_byte_2, "bytes other than 0 and 1"),
     "mask nan float": (_set("fc2.weight_nm.mask", torch.full((64, 64), float("nan"))), "mask must be a bool tensor"),
     "mask shape": (_set("fc2.weight_nm.mask", torch.ones(64, 8, dtype=torch.bool)), "mask has shape (64, 8)"),
     "mask missing": (lambda sd: sd.pop("fc2.weight_nm.mask"), "mask is missing"),
