@@ -91,12 +91,13 @@ def test_bad_inputs_raise_value_errors():
         nm_linear(x, v, i, b, 1, 64, 3, "reference")
 
 
-def test_failed_build_falls_back_with_one_warning(monkeypatch):
+def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
     import torch.utils.cpp_extension as ext
 
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
 
+    monkeypatch.setenv("NMFX_CACHE_DIR", str(tmp_path))  # an empty cache: the (broken) build must run
     monkeypatch.setattr(cpu, "_module", None)
     monkeypatch.setattr(cpu, "_error", None)
     monkeypatch.setattr(cpu, "_warned", False)
