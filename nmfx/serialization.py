@@ -133,11 +133,11 @@ def load(path: Union[str, os.PathLike], model: nn.Module, backend: str = "auto")
     with _quiet():
         nmfx.sparsify(staged, str(header.pattern), "ste", include=weights or ["<none>"])
     to_inference(staged, backend=backend, inplace=True, _structure_only=True)
-    _check_fit(where, header, {layer["weight"]: layer for layer in packed_layers(staged)}, _unique_tensors(staged))
     targets = _unique_tensors(staged)
+    _check_fit(where, header, {layer["weight"]: layer for layer in packed_layers(staged)}, targets)
     with torch.no_grad():
-        for name, tensor in loaded.items():
-            target = targets[name]
+        for name in list(loaded):
+            tensor, target = loaded.pop(name), targets[name]  # each file tensor freed once copied
             if target.dtype != tensor.dtype:
                 target.data = torch.empty_like(target, dtype=tensor.dtype)
             target.copy_(tensor)

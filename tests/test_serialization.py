@@ -305,6 +305,15 @@ def test_an_already_sparsified_model_is_refused(vit_path):
         nmfx.load(vit_path, model)
 
 
+@pytest.mark.parametrize("backend, match", [("semi_structured", "semi-structured 2:4 tensors are made from dense"),
+                                            ("fast", "unknown backend 'fast'")])
+def test_backends_a_file_cannot_use_are_refused(vit_path, backend, match):
+    model, watched = _fresh()
+    with pytest.raises(ValueError, match=match):
+        nmfx.load(vit_path, model, backend=backend)
+    watched.assert_unchanged()
+
+
 # -- positions >= M ------------------------------------------------------------------------------
 
 class MLP24(nn.Module):
