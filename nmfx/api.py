@@ -194,8 +194,11 @@ def _refuse_mismatched_checkpoint(module, state_dict, prefix, local_metadata, st
                  "(sparsified with other include/exclude?)" for name in incoming.keys() - found.keys()]
     if problems:
         advice = ""
+        if any(" in the checkpoint vs " in problem for problem in problems):
+            advice = ("\nThe checkpoint's model was sparsified differently: call nmfx.sparsify with the same pattern, "
+                      "method, method options and include/exclude as it was.")
         if any("dense model" in problem for problem in problems):
-            advice = ("\nTo start from a dense checkpoint, load it into the model before nmfx.sparsify (build the "
+            advice += ("\nTo start from a dense checkpoint, load it into the model before nmfx.sparsify (build the "
                       "model, load_state_dict, then sparsify); load_state_dict(strict=False) does not skip this "
                       "check, since torch runs load hooks with strict=True.")
         raise ValueError("refusing to load this checkpoint into the nmfx-sparsified model; nothing was loaded:\n  "

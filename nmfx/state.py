@@ -134,7 +134,7 @@ class NMState(nn.Module):
         checked, self._checked = getattr(self, "_checked", {}), {}
         already = bool(entries) and all(key in checked and checked[key]() is value for key, value in entries.items())
         if entries and not already:  # loaded without the root model's check (into this submodule alone)
-            problems = checkpoint_problems(self, entries, weight=None)
+            problems = checkpoint_problems(self, entries, alone=True)
             if problems:
                 raise ValueError(f"refusing to load the nmfx state of {prefix[:-1]!r}: " + "; ".join(problems))
             for key in (LEGACY_KEY, PRUNED_KEY):
@@ -154,10 +154,12 @@ class NMState(nn.Module):
         return f"{self.param_name}, pattern={self.pattern}, method={self.method.name}, dim={self.dim}"
 
 
-def checkpoint_problems(state: NMState, entries: Mapping[str, Any], weight: Any = None) -> list[str]:
+def checkpoint_problems(state: NMState, entries: Mapping[str, Any], weight: Any = None, *,
+                        alone: bool = False) -> list[str]:
     """What is wrong with ``entries`` (``{"mask": ..., "step": ..., ...}``: one state's part of a
     ``state_dict``) as a checkpoint of ``state`` (empty when they can be loaded). ``weight`` is the
-    incoming owner weight, needed for the effective-weight layout (a ``pruned`` entry)."""
+    incoming owner weight, needed for the effective-weight layout (a ``pruned`` entry); ``alone``: the
+    state is loaded by itself, without its owner's weight."""
     if not entries:
         return ["no nmfx state in the checkpoint (is it a dense model's?)"]
     unknown = sorted(set(entries) - set(STATE_KEYS) - {LEGACY_KEY, PRUNED_KEY})
@@ -194,7 +196,7 @@ def checkpoint_problems(state: NMState, entries: Mapping[str, Any], weight: Any 
                 problems.append(f"the mask is not a valid {pattern} mask (the pattern at step {int(step)}): {wrong}")
             mask_ok = not wrong
     if PRUNED_KEY in entries:
-        problems += _pruned_problems(entries, weight, mask_ok and alpha_ok)
+        problems += _pruned_problems(entries, weight, state.weight_shape, mask_ok and alpha_ok, alone)
     return problems
 
 
@@ -296,13 +298,18 @@ def _check_scalar(problems: list[str], name: str, value: Any, integer: bool, low
     return True
 
 
-def _pruned_problems(entries: Mapping[str, Any], weight: Any, values_ok: bool) -> list[str]:
+def _pruned_problems(entries: Mapping[str, Any], weight: Any, shape: tuple[int, ...], values_ok: bool,
+                     alone: bool) -> list[str]:
     pruned = entries[PRUNED_KEY]
-    if weight is None:
+    if alone:
         return ["the checkpoint holds the effective weight and its pruned values (nmfx's save_pretrained): "
                 "load it into the whole sparsified model, which rebuilds the dense weight"]
+    if weight is None:
+        return ["the weight is missing from the checkpoint (its pruned values are there)"]
     if not isinstance(weight, Tensor) or type(weight) not in (Tensor, nn.Parameter) or not weight.is_floating_point():
         return [f"the weight must be a plain floating-point tensor, got {_describe(weight)}"]
+    if tuple(weight.shape) != shape:
+        return [f"the weight has shape {tuple(weight.shape)}, the model's {shape}"]
     if not isinstance(pruned, Tensor) or pruned.dtype != weight.dtype or pruned.dim() != 1:
         return [f"pruned must be a 1-D {weight.dtype} tensor (the weight's dtype), got {_describe(pruned)}"]
     if not values_ok or weight.is_meta or pruned.is_meta:

@@ -245,6 +245,58 @@ def test_loading_into_a_submodule_is_checked_too():
     assert torch.equal(nmfx.masks(target)["fc2.weight"], checkpoint["fc2.weight_nm.mask"])
 
 
+def _effective_layout(model):
+    """The state_dict as nmfx's save_pretrained writes it: effective weights + the pruned dense values."""
+    out = _snapshot(model)
+    for name, state in nmfx.states(model).items():
+        weight = model.get_parameter(name).detach()
+        out[name] = effective_weight(weight, state.mask, state.alpha)
+        out[f"{name}_nm.pruned"] = weight[~state.mask]
+    return out
+
+
+def test_effective_weight_layout_rebuilds_the_dense_weights():
+    trained = _train(_sparsified("mdgf"), 4)
+    assert 0 < float(nmfx.states(trained)["fc1.weight"].alpha) < 1
+    checkpoint = _effective_layout(trained)
+    assert not torch.equal(checkpoint["fc1.weight"], trained.fc1.weight)
+    target = _sparsified("mdgf", seed=5)
+    target.load_state_dict(checkpoint)
+    _assert_same_state(target, _snapshot(trained))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: sd.__setitem__("fc2.weight_nm.pruned", sd["fc2.weight_nm.pruned"][:-1]), "pruned has 3583 values"),
+    (lambda sd: sd.__setitem__("fc2.weight_nm.pruned", sd["fc2.weight_nm.pruned"].double()), "pruned must be a 1-D"),
+    (lambda sd: sd.__setitem__("fc2.weight", sd["fc2.weight"][:8]), "the weight has shape (8, 64)"),
+    (lambda sd: sd.pop("fc2.weight"), "the weight is missing from the checkpoint"),
+    (lambda sd: sd.__setitem__("fc2.weight", sd["fc2.weight"].to(torch.int32)), "a plain floating-point tensor"),
+    (lambda sd: sd["fc2.weight"].add_(1e-3), "not the effective weight of the pruned values"),
+])
+def test_effective_weight_layout_checked(change, message):
+    checkpoint = _effective_layout(_train(_sparsified("mdgf"), 4))
+    change(checkpoint)
+    target = _sparsified("mdgf", seed=5)
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match="nothing was loaded") as info:
+        target.load_state_dict(checkpoint)
+    assert message in str(info.value)
+    _assert_same_state(target, before)
+
+
+def test_effective_weight_layout_into_a_submodule_refused():
+    checkpoint = _effective_layout(_train(_sparsified("mdgf"), 4))
+    sub = {k[len("fc2."):]: v for k, v in checkpoint.items() if k.startswith("fc2.")}
+    with pytest.raises(ValueError, match="load it into the whole sparsified model"):
+        _sparsified("mdgf", seed=5).fc2.load_state_dict(sub)
+
+
+def test_mismatch_advice_names_the_fix():
+    checkpoint = _snapshot(_sparsified("ste", total_steps=12))
+    with pytest.raises(ValueError, match="same pattern, method, method options and include/exclude"):
+        nmfx.sparsify(MLP(), "2:8", "ste", total_steps=12).load_state_dict(checkpoint)
+
+
 # -- format 1 ---------------------------------------------------------------------------------------
 def _format1(state_dict, model, **changes):
     """The state_dict as nmfx format 1 wrote it: the config as a JSON string ``_extra_state``."""
