@@ -118,14 +118,16 @@ def test_round_trip_keeps_the_object_its_hooks_and_checks_every_checksum(vit_fil
     assert header["format_version"] == nmfx.serialization.FILE_FORMAT_VERSION == 2 and header["checksum"] == "crc32"
     assert all(header["tensors"][name]["crc32"] == _crc(t) for name, t in tensors.items())
     model, _ = _fresh()
-    calls = []
+    calls, inner = [], []
     handle = model.register_forward_hook(lambda *_: calls.append(1))
-    norm = model.norm
+    norm = model.blocks[0].norm1  # inside a block that the rebuild replaces by a traced graph
+    norm.register_forward_hook(lambda *_: inner.append(1))
     loaded = nmfx.load(vit_path, model, backend="reference")
-    assert loaded is model and type(model) is TinyViT and model.norm is norm  # the user's submodule objects stay
+    assert loaded is model and type(model) is TinyViT
+    assert model.blocks[0].norm1 is norm and isinstance(model.blocks[0], torch.fx.GraphModule)  # the user's objects
     with torch.no_grad():
         torch.testing.assert_close(model(X), vit_file[1](X), rtol=0, atol=0)
-    assert calls == [1]
+    assert calls == [1] and inner == [1]
     handle.remove()
     with torch.no_grad():
         model(X)
