@@ -95,6 +95,20 @@ def test_safetensors_round_trip_is_exact(method, tmp_path):
     _assert_same_state(fresh, _snapshot(trained))
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_distributed_checkpoint_round_trip(tmp_path):
+    """torch.distributed.checkpoint (single process) saves and loads the tensors-only state_dict in place."""
+    import torch.distributed.checkpoint as dcp
+
+    trained = _train(_sparsified("sdgf"), 5)
+    dcp.save(trained.state_dict(), checkpoint_id=tmp_path)
+    fresh = _sparsified("sdgf", seed=3)
+    state = fresh.state_dict()
+    dcp.load(state, checkpoint_id=tmp_path)
+    fresh.load_state_dict(state)
+    _assert_same_state(fresh, _snapshot(trained))
+
+
 # -- all or nothing ---------------------------------------------------------------------------------
 def _set(key, value):
     return lambda sd: sd.__setitem__(key, value)
