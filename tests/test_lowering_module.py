@@ -139,6 +139,7 @@ def test_no_fallback_warning_for_the_explicit_reference_or_a_working_kernel(vit_
 
 def test_training_model_keeps_masked_linear_until_lowered(vit_pair):
     model, inference = vit_pair
+    assert nmfx.NMLinear is NMLinear and nmfx.MaskedLinear is MaskedLinear
     assert type(model.blocks[0].q) is MaskedLinear and isinstance(model.blocks[0].q.weight, nn.Parameter)
     assert not any(isinstance(m, MaskedLinear) for m in inference.modules())
 
