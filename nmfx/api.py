@@ -53,7 +53,8 @@ def sparsify(
 
     The model object itself is kept (its class, methods and ``state_dict`` names); the largest
     traceable submodules below it that hold prunable ops are replaced by rewritten ``GraphModule``s
-    (down to single ``nn.Linear``s where nothing larger traces). Call
+    (down to single layers where nothing larger traces). Every sparsified plain ``nn.Linear`` keeps its
+    object, class-swapped to :class:`nmfx.layers.MaskedLinear`, so hooks on it keep firing. Call
     :func:`nmfx.step` after every optimizer step. Every decision is in :func:`nmfx.report`.
 
     Args:
