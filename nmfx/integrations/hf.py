@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -52,6 +53,7 @@ __all__ = ["NMSparsityCallback", "from_pretrained", "checkpoint_record", "RECORD
 RECORD_KEY = "nmfx"
 #: Version of that record; bump on incompatible changes.
 RECORD_VERSION = 1
+_MISSING = object()
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
@@ -140,9 +142,6 @@ class NMSavePretrained:
                 setattr(config, RECORD_KEY, previous)
 
 
-_MISSING = object()
-
-
 def effective_state_dict(model: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` (a sparsified model's) with every sparsified weight replaced by its effective weight
     and its dense values at the pruned positions added as ``<weight>_nm.pruned``."""
@@ -165,8 +164,6 @@ def install_save_pretrained(model: nn.Module) -> None:
     """Give ``model`` (a ``transformers`` model that ``nmfx.sparsify`` just rewrote) the nmfx
     ``save_pretrained``; warn if it was loaded from an nmfx checkpoint without nmfx."""
     if RECORD_KEY in getattr(model.config, "__dict__", {}):
-        import warnings
-
         warnings.warn("nmfx.sparsify: this model's config has an 'nmfx' record: it was saved sparsified and loaded "
                       "with a plain from_pretrained, which loads the effective (already masked) weights and drops "
                       "the dense weights and the schedule state. To continue that training run, load it with "
