@@ -75,7 +75,8 @@ class NMLinear(nn.Module):
 
     Attributes: ``in_features``, ``out_features``, ``pattern``, ``backend`` (nm_linear's backend:
     ``"auto"``, ``"cpu"``, ``"reference"`` or ``"triton"``; may be changed), ``kind`` and ``transposed``
-    (the trained weight was stored ``[in, out]``, as a ``Conv1D``'s; the packed one is always ``[out, in]``).
+    (the trained weight was stored ``[in, out]``, as a ``Conv1D``'s; the packed one is always ``[out, in]``)
+    and ``index_bits``.
     There is no ``weight``: :meth:`dense_weight` unpacks one.
     """
 
@@ -105,6 +106,7 @@ class NMLinear(nn.Module):
         self.backend = backend
         self.kind = kind
         self.transposed = transposed
+        self.index_bits = index_bits(pattern.m)  # the width of weight_indices' codes
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, pattern: PatternLike, mask: Optional[Tensor] = None,
@@ -130,7 +132,7 @@ class NMLinear(nn.Module):
         if self.kind == "semi_structured":
             return F.linear(input, self.weight_semi, self.bias)
         return torch.ops.nmfx.nm_linear(input, self.weight_values, self.weight_indices, self.bias, self.pattern.n,
-                                        self.pattern.m, index_bits(self.pattern.m), self.backend)
+                                        self.pattern.m, self.index_bits, self.backend)
 
     def dense_weight(self) -> Tensor:
         """The dense ``[out, in]`` masked weight (a new tensor; zeros where pruned)."""
@@ -138,7 +140,7 @@ class NMLinear(nn.Module):
             return self.weight_semi.to_dense()
         eye = torch.eye(self.in_features, dtype=self.weight_values.dtype, device=self.weight_values.device)
         return torch.ops.nmfx.nm_linear(eye, self.weight_values, self.weight_indices, None, self.pattern.n,
-                                        self.pattern.m, index_bits(self.pattern.m), "reference").t().contiguous()
+                                        self.pattern.m, self.index_bits, "reference").t().contiguous()
 
     def extra_repr(self) -> str:
         text = (f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}, "

@@ -184,3 +184,30 @@ def test_layers_lowered_alone_round_trip_through_files(tmp_path):
     x = torch.randn(3, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), inference(x))
+
+
+def test_real_build_failure_warns_from_to_inference(tmp_path):
+    """No working C++ compiler (CXX=/bin/false, empty build cache), in a subprocess: to_inference's
+    warning names the build error, and the lowered model still computes the right result."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import warnings, torch, nmfx
+        from torch import nn
+        torch.manual_seed(0)
+        model = nmfx.sparsify(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)), "1:4", "ste")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            inference = nmfx.to_inference(model)
+        mine = [str(w.message) for w in caught if str(w.message).startswith("nmfx.to_inference")]
+        assert len(mine) == 1 and nmfx.kernels.cpu.build_error()[:40] in mine[0], mine
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(inference(x), model.eval()(x))
+        print("ok")
+    """)
+    env = {**os.environ, "CXX": "/bin/false", "NMFX_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
