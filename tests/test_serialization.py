@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -202,7 +203,7 @@ def _refused(path, match, model=None, watched=None):
 def test_malformed_header_field_is_named(vit_path, case):
     change, message = HEADER_CASES[case]
     _rewrite(vit_path, header=change)
-    _refused(vit_path, __import__("re").escape(message))
+    _refused(vit_path, re.escape(message))
 
 
 @pytest.mark.parametrize("field", MISSING)
