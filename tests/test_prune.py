@@ -430,3 +430,32 @@ def test_frozen_mask_fine_tune_keeps_the_pruned_masks():
         assert torch.equal(state.mask, pruned[name])
     assert not all(torch.equal(nmfx.nm_mask(model.get_parameter(n), "1:8"), pruned[n]) for n in pruned)
     nmfx.to_inference(model)  # finished: lowers without force
+
+
+def test_bench_prune_never_trusts_its_checkpoint_cache(tmp_path, capsys):
+    """A truncated or mismatched cached checkpoint is retrained, and a good one is reused."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from benchmarks.accuracy import LMTask
+    from benchmarks.bench_prune import pretrained
+
+    task = LMTask(dict(dim=32, depth=1, heads=2, context=16, batch=4, lr=1e-3, weight_decay=0.0,
+                       corpus_chars=5_000, val_windows=4), "cpu")
+    model, info = pretrained(task, 2, tmp_path, seed=0)
+    assert not info["cached"]
+    path = Path(info["checkpoint"])
+    again, info = pretrained(task, 2, tmp_path, seed=0)
+    assert info["cached"] and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    _, info = pretrained(task, 2, tmp_path, seed=0)
+    assert not info["cached"] and "ignoring cached checkpoint" in capsys.readouterr().err
+    save_file({"tok.weight": torch.zeros(3, 3)}, str(path))  # readable, wrong architecture
+    _, info = pretrained(task, 2, tmp_path, seed=0)
+    assert not info["cached"]
+    state = dict(model.state_dict())
+    state["tok.weight"] = torch.full_like(state["tok.weight"], float("nan"))  # right shapes, poisoned
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    _, info = pretrained(task, 2, tmp_path, seed=0)
+    assert not info["cached"]
