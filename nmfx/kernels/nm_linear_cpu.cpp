@@ -136,6 +136,7 @@ static inline Vi vmul_i(Vi a, int32_t b) { return _mm512_mullo_epi32(a, _mm512_s
 static inline void vistore(int32_t* p, Vi v) { _mm512_storeu_si512(p, v); }
 static inline Vi vmax_u(Vi a, Vi b) { return _mm512_max_epu32(a, b); }
 static inline uint32_t vmax_reduce(Vi v) { return _mm512_reduce_max_epu32(v); }
+static inline Vi vfirst(Vi v, int64_t cnt) { return _mm512_maskz_mov_epi32(static_cast<__mmask16>((1u << cnt) - 1u), v); }
 // In-group positions of VW = 16 kept values k .. k+15 (k a multiple of 16) as int32 lanes: `raw`
 // as stored, `positions` clamped to M - 1 (see "Bounds" at the top).
 struct Decoder {
@@ -201,6 +202,10 @@ static inline uint32_t vmax_reduce(Vi v) {
   _mm256_store_si256(reinterpret_cast<__m256i*>(l), v);
   return *std::max_element(l, l + 8);
 }
+static inline Vi vfirst(Vi v, int64_t cnt) {
+  return _mm256_and_si256(v, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(cnt)),
+                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
 // In-group positions of VW = 8 kept values k .. k+7 (k a multiple of 8) as int32 lanes: `raw` as
 // stored, `positions` clamped to M - 1.
 struct Decoder {
@@ -249,6 +254,7 @@ static inline Vi vmul_i(Vi a, int32_t b) { return a * b; }
 static inline void vistore(int32_t* p, Vi v) { *p = v; }
 static inline Vi vmax_u(Vi a, Vi b) { return std::max(a, b); }
 static inline uint32_t vmax_reduce(Vi v) { return static_cast<uint32_t>(v); }
+static inline Vi vfirst(Vi v, int64_t cnt) { return cnt > 0 ? v : 0; }
 struct Decoder {
   int bits, last;
   Decoder(int b, int m) : bits(b), last(m - 1) {}
@@ -819,8 +825,8 @@ static bool any_invalid_position(const Problem& P, const uint8_t* idx) {
         Vi vm = Vi{};
         int64_t k = 0;
         for (; k + VW <= P.K; k += VW) vm = vmax_u(vm, D.raw(row, avail, k));
+        if (k < P.K) vm = vmax_u(vm, vfirst(D.raw(row, avail, k), P.K - k));  // lanes past K: zero
         mx = std::max(mx, vmax_reduce(vm));
-        for (; k < P.K; ++k) mx = std::max(mx, static_cast<uint32_t>(raw_position(row, avail, P.bits, k)));
       }
     }
     if (mx > last) bad.store(true, std::memory_order_relaxed);
