@@ -105,6 +105,32 @@ def child_an_in_place_write_after_a_valid_call_is_seen():
         k.nm_linear(x, values, idx, None, 1, 8, 8)
 
 
+def child_overwritten_indices_of_a_lowered_1_24_model_are_refused():
+    """The issue's case: a deployed 1:24 model whose indices are overwritten with 0xFF leaked memory
+    contents into its output; now its next forward raises."""
+    import nmfx
+
+    _kernel()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(48, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    x = _at_page_end(torch.randn(3, 48))
+    model = nmfx.sparsify(Net(), "1:24", "ste", example_inputs=(x,))
+    deployed = nmfx.to_inference(model, backend="cpu", force=True)
+    expected = deployed(x)
+    (indices,) = [b for name, b in deployed.named_buffers() if name.endswith("_indices")]
+    indices.fill_(0xFF)
+    with pytest.raises(ValueError, match="position 31 >= M=24"):
+        deployed(x)
+    assert expected.isfinite().all()
+
+
 def child_inconsistent_arguments_are_refused_by_the_extension():
     """The extension checks its own arguments (the Python op's checks are bypassed here)."""
     k = _kernel()
