@@ -25,13 +25,20 @@ from nmfx.inference_ops import first_invalid_position, nm_linear, nm_linear_refe
 from nmfx.kernels import cpu
 from nmfx.packed import index_bits, pack_positions, unpack_positions
 
-def test_hostile_cases_in_a_subprocess():
-    """Every child_* case of this file in a child pytest; a segfault or SIGBUS there fails this test."""
+_ISAS = ["scalar", "avx2", "avx512", "avx512bf16"]
+
+
+@pytest.mark.parametrize("isa", _ISAS[: _ISAS.index(cpu.isa()) + 1])
+def test_hostile_cases_in_a_subprocess(isa):
+    """Every child_* case of this file in a child pytest, for the host's build and each lesser one
+    (NMFX_CPU_ISA; the position scan and decoders differ per ISA); a segfault there fails this test."""
     if not cpu.available():
         pytest.skip(f"nmfx C++ CPU kernel could not be built: {cpu.build_error()}")
     cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x", "-p", "no:cacheprovider",
            "-o", "addopts=", "-o", "python_functions=child_*"]
-    res = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "NMFX_CPU_ISA": isa}
+    res = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                         timeout=600)
     tail = (res.stdout[-6000:] + "\n" + res.stderr[-3000:]).strip()
     assert res.returncode == 0, f"hostile cases failed or crashed (rc={res.returncode}):\n{tail}"
     assert " passed" in res.stdout and "skipped" not in res.stdout, tail
@@ -58,6 +65,7 @@ def _at_page_end(t: torch.Tensor) -> torch.Tensor:
 
 def _kernel():
     assert cpu.available(), cpu.build_error()
+    assert cpu.load().isa() == cpu.isa()  # the build NMFX_CPU_ISA asked for
     return cpu
 
 
