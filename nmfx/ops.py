@@ -135,6 +135,9 @@ def masked_weight(
     """``W_eff`` itself, with the method's gradient to ``W``: for consumers that take a weight rather
     than an input (``nn.MultiheadAttention``'s packed ``in_proj_weight``). Costs one weight-sized
     tensor that autograd keeps for the consumer's backward; ``masked_linear`` avoids that."""
+    traced = _record_if_traced(masked_weight, (weight, mask, alpha, srste_lambda), {"exact_gradient": exact_gradient})
+    if traced is not None:
+        return traced
     if alpha is None:
         alpha = torch.zeros((), device=weight.device)
     return torch.ops.nmfx.masked_weight(weight, mask, alpha, srste_lambda, exact_gradient)
@@ -154,6 +157,10 @@ def masked_linear(
 
     Under autocast, ``x``, ``weight`` and ``bias`` are cast to the autocast dtype first (gradients flow
     back through the cast to the full-precision weight)."""
+    traced = _record_if_traced(masked_linear, (x, weight, mask, bias, alpha, srste_lambda),
+                               {"exact_gradient": exact_gradient, "transposed": transposed})
+    if traced is not None:
+        return traced
     if alpha is None:
         alpha = torch.zeros((), device=weight.device)
     device_type = x.device.type
@@ -162,6 +169,16 @@ def masked_linear(
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     return torch.ops.nmfx.masked_linear(x, weight, mask, bias, alpha, srste_lambda, exact_gradient, transposed)
+
+
+def _record_if_traced(fn, args: tuple, kwargs: dict):
+    """Under symbolic tracing, a node calling ``fn`` itself (None otherwise). ``torch.fx.wrap`` below covers
+    code that names these functions from this module; this covers a graph module's generated code, which
+    is re-traced when the graph module is unpickled (``torch.load`` of a whole sparsified model)."""
+    proxy = next((a for a in args if isinstance(a, torch.fx.Proxy)), None)
+    if proxy is None:
+        return None
+    return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
 
 
 torch.fx.wrap("masked_linear")

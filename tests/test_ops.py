@@ -178,3 +178,27 @@ def test_cuda_matches_cpu():
     x, w, b, m = _case((4, 16), (8, 16), dtype=torch.float32)
     a = torch.tensor(0.3)
     torch.testing.assert_close(masked_linear(x.cuda(), w.cuda(), m.cuda(), b.cuda(), a.cuda()).cpu(), masked_linear(x, w, m, b, a))
+
+
+def test_whole_sparsified_model_pickles_and_unpickles():
+    """torch.save(model) re-traces each graph module's code on load: the masked ops must record themselves
+    instead of running (they read x.device, which a Proxy does not have)."""
+    import io
+
+    transformers = pytest.importorskip("transformers")
+    import nmfx
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
+                                                                 n_positions=32))
+    nmfx.sparsify(model, "1:4", "mdgf", total_steps=10)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, model.eval()(ids).logits)
+    codes = [module.code for module in loaded.modules() if isinstance(module, torch.fx.GraphModule)]
+    assert any("masked_linear" in code for code in codes)
