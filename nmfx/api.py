@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from torch import Tensor, fx, nn
 
 from nmfx.meta import META_KEY, PrunableOp, annotated_nodes
-from nmfx.methods import Method, resolve_method
+from nmfx.config import SparsifyConfig
+from nmfx.methods import Method
 from nmfx.passes.attention import tag_roles
 from nmfx.passes.find_prunable import find_prunable
 from nmfx.passes.pipeline import PassPipeline
 from nmfx.passes.policy import Policy, apply_policy
 from nmfx.passes.rewrite_masked import rewrite_masked
 from nmfx.passes.rewrite_modules import disable_fused_fast_path, rewrite_multihead_attention
-from nmfx.pattern import Pattern, PatternLike
-from nmfx.report import ReportRow, SparsifyRecord
+from nmfx.pattern import PatternLike
+from nmfx.report import ReportRow, SparsifyRecord, default_pattern
 from nmfx.state import (LEGACY_KEY, PRUNED_KEY, STATE_KEYS, STATE_SUFFIX, NMState, checkpoint_problems,
                         dense_weight, normalize_checkpoint)
 from nmfx.tracing import analysis_graph, install_scope, rewrite_scopes
@@ -41,8 +42,8 @@ _NAME_HINTS = {
 
 def sparsify(
     model: nn.Module,
-    pattern: PatternLike = "1:8",
-    method: Union[str, Method] = "sdgf",
+    pattern: Union[PatternLike, Mapping[str, PatternLike], SparsifyConfig] = "1:8",
+    method: Union[str, Method, None] = None,
     *,
     example_inputs: Any = None,
     include: Optional[Union[str, Sequence[str]]] = None,
@@ -59,8 +60,12 @@ def sparsify(
 
     Args:
         model: any ``nn.Module`` (transformers, torchvision, hand-written).
-        pattern: the target N:M pattern, e.g. ``"1:8"``.
-        method: ``"dense"``, ``"ste"``, ``"srste"``, ``"mdgf"``, ``"sdgf"`` or a method config.
+        pattern: the target N:M pattern, e.g. ``"1:8"``; or per layer, a mapping from globs (over weight names,
+            module names and roles, as include/exclude) to patterns, e.g. ``{"attn.*": "2:4", "mlp.*": "1:8"}``:
+            the first matching entry wins, a weight no entry matches stays dense ("no pattern matched"), and an
+            entry that cannot apply to a weight it matches (M does not divide its input dim) is a ValueError
+            naming the glob; or a whole :class:`nmfx.config.SparsifyConfig` (then pass no other options).
+        method: ``"dense"``, ``"ste"``, ``"srste"``, ``"mdgf"``, ``"sdgf"`` (the default) or a method config.
         example_inputs: inputs for a ``torch.export`` analysis graph (tensor, tuple or dict of kwargs);
             transformers models provide their own.
         include, exclude: globs over weight names, module names and roles (see ``nmfx.passes.policy``).
@@ -71,15 +76,20 @@ def sparsify(
     if is_sparsified(model) or states(model):
         raise ValueError("this model (or a submodule of it) is already sparsified by nmfx; "
                          "build a fresh model to sparsify it again")
-    pattern = Pattern.parse(pattern)
-    method = resolve_method(method, **method_options)
-    method.patterns(pattern)  # a schedule that cannot reach the target fails here, before any change
+    if isinstance(pattern, SparsifyConfig):
+        if method is not None or include is not None or exclude is not None or method_options:
+            raise TypeError("nmfx.sparsify(model, config): the SparsifyConfig holds the method, options and "
+                            "include/exclude; pass no other arguments (or build another config)")
+        config = pattern
+    else:
+        config = SparsifyConfig.build(pattern, "sdgf" if method is None else method, include=include,
+                                      exclude=exclude, **method_options)
+    method = config.method
     if method.name == "sdgf" and method.total_steps is None and method.stage_steps is None:
         warnings.warn("nmfx.sparsify: sdgf without total_steps moves to the next stage every 1,000 steps; "
                       "pass total_steps=<optimizer steps of your run> to spread the stages over it "
                       "(or stage_steps=...)", stacklevel=2)
-    policy = Policy(pattern, method, _globs("include", include), _globs("exclude", exclude) or (),
-                    _tied_parameters(model))
+    policy = Policy.from_config(config, _tied_parameters(model))
 
     analysis, frontend, note = analysis_graph(model, example_inputs)
     graph_roles: dict[str, str] = {}
@@ -96,7 +106,7 @@ def sparsify(
         ("tag_roles", tag_roles),
         ("adopt_roles", lambda gm: _adopt_roles(gm, graph_roles, frontend, whole_model=analysis is not None)),
         ("policy", lambda gm: apply_policy(gm, policy)),
-        ("rewrite_masked", lambda gm: rewrite_masked(gm, pattern, method)),
+        ("rewrite_masked", lambda gm: rewrite_masked(gm, None, method)),
     ])
     rows: list[ReportRow] = []
     swapped: list[tuple[nn.Module, type]] = []
@@ -107,11 +117,11 @@ def sparsify(
             ops = [node.meta[META_KEY] for node in annotated_nodes(scope.graph_module.graph)]
             if any(op.status == "sparsified" for op in ops):
                 to_install.append(scope)
-            rows += [ReportRow.from_op(op, pattern, f"{scope.frontend}({scope.name})") for op in ops]
+            rows += [ReportRow.from_op(op, config, f"{scope.frontend}({scope.name})") for op in ops]
         for name, module in attention_modules:
             swapped.append((module, type(module)))
-            ops = rewrite_multihead_attention(name, module, pattern, method, policy.decide)
-            rows += [ReportRow.from_op(op, pattern, "module") for op in ops]
+            ops = rewrite_multihead_attention(name, module, method, policy.choose)
+            rows += [ReportRow.from_op(op, config, "module") for op in ops]
     except BaseException:
         _roll_back(model, swapped)  # nothing was installed yet; remove the states added to shared children
         raise
@@ -125,10 +135,10 @@ def sparsify(
             if name in seen or (graph_roles and name not in graph_roles):
                 continue
             rows.append(ReportRow(name=name, role=graph_roles.get(name, "other"), op=module.module_type,
-                                  shape=tuple(model.get_parameter(name).shape), pattern=str(pattern),
+                                  shape=tuple(model.get_parameter(name).shape), pattern=default_pattern(config),
                                   status="skip", reason=f"used directly in {module.module_type}.forward: "
                                   f"{module.reason}", frontend="per-module"))
-    object.__setattr__(model, _RECORD_ATTR, SparsifyRecord(pattern, method, rows, frontend, note))
+    object.__setattr__(model, _RECORD_ATTR, SparsifyRecord(config, rows, frontend, note))
     model.register_load_state_dict_pre_hook(_refuse_mismatched_checkpoint)
     if _is_transformers_model(model):
         from nmfx.integrations.hf import install_save_pretrained  # imports transformers: only for its models
@@ -270,14 +280,3 @@ def _roll_back(model: nn.Module, swapped: list[tuple[nn.Module, type]]) -> None:
         for child_name, child in list(module.named_children()):
             if isinstance(child, NMState):
                 delattr(module, child_name)
-
-
-def _globs(argument: str, value) -> Optional[tuple[str, ...]]:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise TypeError(f"{argument}= takes a glob string or a list of them (weight names, module names or roles "
-                    f"such as 'attn.*'), got {value!r}")

@@ -50,8 +50,9 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
             target mask of the current weights is used, so outputs change; a warning says so.
     """
     found = record(model)
-    if found.pattern.m > MAX_PACKED_M:
-        raise ValueError(f"the packed format supports M <= {MAX_PACKED_M}; pattern {found.pattern} cannot be lowered")
+    too_wide = sorted({str(state.pattern) for state in states(model).values() if state.pattern.m > MAX_PACKED_M})
+    if too_wide:
+        raise ValueError(f"the packed format supports M <= {MAX_PACKED_M}; pattern {', '.join(too_wide)} cannot be lowered")
     if backend not in LOWERING_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(LOWERING_BACKENDS)}")
     if is_inference(model):
@@ -60,14 +61,15 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
                   if s.schedule.alpha != 0.0 or s.schedule.pattern != s.pattern}
     if unfinished and not force and not _structure_only:
         name, state = next(iter(unfinished.items()))
-        raise ValueError(f"{len(unfinished)} weights have not reached the hard {found.pattern} mask (e.g. {name}: "
-                         f"alpha={state.alpha:.3g}, pattern {state.pattern}); finish the schedule (total_steps) "
+        raise ValueError(f"{len(unfinished)} weights have not reached the hard {found.config.describe_pattern()} mask "
+                         f"(e.g. {name}: alpha={state.alpha:.3g}, pattern {state.pattern} of target "
+                         f"{states(model)[name].pattern}); finish the schedule (total_steps) "
                          "or pass force=True to prune them to the target mask now")
     target = model if inplace else copy.deepcopy(model)
     if dtype is not None:
         target.to(dtype)
     if unfinished and not _structure_only:
-        warnings.warn(f"nmfx.to_inference(force=True): {len(unfinished)} weights pruned to {found.pattern} before "
+        warnings.warn(f"nmfx.to_inference(force=True): {len(unfinished)} weights pruned to {found.config.describe_pattern()} before "
                       "their schedule ended; outputs differ from the trained model's", stacklevel=2)
         with torch.no_grad():
             for name, state in states(target).items():
@@ -120,20 +122,19 @@ def _materialize_attention(model: nn.Module) -> None:
 
 def packed_layers(model: nn.Module) -> list[dict]:
     """Name, pattern and layout of every packed layer of an inference model (for file headers)."""
-    pattern = str(record(model).pattern)
     layers: dict[str, dict] = {}
     for scope, gm in graphs(model).items():
         for node in annotated_nodes(gm.graph):
             op = node.meta[META_KEY]
             if op.status == "packed":
                 layers.setdefault(op.weight, {"weight": op.weight, "shape": list(op.weight_shape),
-                                              "transposed": op.transposed, "pattern": pattern, "kind": op.kind,
+                                              "transposed": op.transposed, "pattern": str(op.pattern), "kind": op.kind,
                                               "scope": scope})
     for name, module in model.named_modules():
         if isinstance(module, NMLinear):  # lowered alone, with no graph of its own
             weight = f"{name}.weight" if name else "weight"
             layers.setdefault(weight, {"weight": weight, "shape": list(module.weight_shape),
-                                       "transposed": module.transposed, "pattern": pattern, "kind": module.kind,
+                                       "transposed": module.transposed, "pattern": str(module.pattern), "kind": module.kind,
                                        "scope": name})
     return list(layers.values())
 
@@ -172,7 +173,7 @@ def _replace_standalone_scope(model: nn.Module, scope: str, gm) -> None:
     op = ops[0]
     layer = NMLinear.__new__(NMLinear)
     nn.Module.__init__(layer)
-    layer._setup(op.in_features, op.out_features, record(model).pattern, _node_backend(gm), op.kind, op.transposed)
+    layer._setup(op.in_features, op.out_features, op.pattern, _node_backend(gm), op.kind, op.transposed)
     if op.kind == "semi_structured":
         layer.register_parameter("weight_semi", getattr(gm, "weight" + SEMI_SUFFIX))
     else:

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch.fx
 
+from nmfx.pattern import Pattern
+
 __all__ = ["META_KEY", "PrunableOp", "annotation", "annotated_nodes", "node_arg"]
 
 META_KEY = "nmfx"
@@ -22,19 +24,25 @@ class PrunableOp:
     """A linear-like op whose weight is a parameter.
 
     Attributes:
-        kind: how the graph computes it: ``"linear"`` (``nn.Linear``/``F.linear``/``aten.linear``),
-            ``"addmm"`` (GPT-2's ``Conv1D``), ``"matmul"`` (``x @ W``), ``"masked_linear"`` (rewritten).
+        kind: how the op computes: ``"linear"`` (``nn.Linear``/``F.linear``/``aten.linear``), ``"addmm"``
+            (GPT-2's ``Conv1D``), ``"matmul"`` (``x @ W``), ``"multihead_attention"`` (a projection weight of
+            ``nn.MultiheadAttention``, rewritten at module level); after lowering ``"nm_linear"`` or
+            ``"semi_structured"``. A rewritten (masked) op keeps the kind it was found with.
         weight: qualified name of the weight parameter in the user's model.
         target: the weight's attribute path inside the graph's own module (``get_attr`` target).
         bias: the bias's attribute path inside the graph's module, or None.
         transposed: the weight is stored ``[in, out]`` (groups then run along dim 0).
         weight_shape: the stored weight's shape.
         role: structural role (``attn.q``, ``attn.k``, ``attn.v``, ``attn.qkv``, ``attn.o``, ``mlp.up``,
-            ``mlp.gate``, ``mlp.down``, ``head``, or ``other``), set by the attention pass.
-        role_source: what the role was derived from (``"graph"`` or ``"name"``).
-        status: ``"candidate"`` until the policy decides ``"sparsify"`` or ``"skip"``, then
-            ``"sparsified"`` once rewritten.
+            ``mlp.gate``, ``mlp.down``, ``head``, or ``other``), set by the attention pass and the role
+            pass.
+        role_source: what the role was derived from: ``"graph"`` (set by the attention pass), then
+            ``"graph (scope)"`` (the scope's graph) or ``"graph (<frontend>)"`` (the whole-model analysis graph), ``"name"`` (a name hint), ``"module"`` (MultiheadAttention), or
+            ``""`` (none).
+        status: ``"candidate"`` until the policy decides ``"sparsify"`` or ``"skip"``, then ``"sparsified"``
+            once rewritten and ``"packed"`` once lowered by ``nmfx.to_inference``.
         reason: why the policy decided as it did.
+        pattern: the N:M pattern the policy chose for this weight (None until chosen, and when skipped).
     """
 
     kind: str
@@ -47,6 +55,7 @@ class PrunableOp:
     role_source: str = ""
     status: str = "candidate"
     reason: str = ""
+    pattern: Optional[Pattern] = None
 
     @property
     def group_dim(self) -> int:

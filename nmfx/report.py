@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import networkx as nx
 from torch import fx, nn
 
+from nmfx.config import SparsifyConfig
 from nmfx.meta import META_KEY, PrunableOp
 from nmfx.methods import Method
 from nmfx.pattern import Pattern
@@ -31,22 +32,45 @@ class ReportRow:
     density: Optional[float] = None  # of the current hard mask; None when not sparsified
 
     @classmethod
-    def from_op(cls, op: PrunableOp, pattern: Pattern, frontend: str) -> "ReportRow":
-        return cls(name=op.weight, role=op.role, op=op.kind, shape=op.weight_shape, pattern=str(pattern),
+    def from_op(cls, op: PrunableOp, config: SparsifyConfig, frontend: str) -> "ReportRow":
+        """The row of an annotation; its pattern is the one the policy chose, else the model-wide one
+        (``"-"`` with per-layer patterns)."""
+        return cls(name=op.weight, role=op.role, op=op.kind, shape=op.weight_shape,
+                   pattern=str(op.pattern) if op.pattern is not None else default_pattern(config),
                    status="sparsified" if op.status == "sparsified" else "skip", reason=op.reason,
                    frontend=frontend)
 
 
+def default_pattern(config: SparsifyConfig) -> str:
+    """The report's pattern cell of a weight the policy gave no pattern."""
+    return "-" if config.per_layer else str(config.pattern)
+
+
 @dataclass
 class SparsifyRecord:
-    """What ``sparsify`` decided, kept on the model for ``report``."""
+    """What ``sparsify`` was asked (``config``) and decided (``rows``), kept on the model for ``report``."""
 
-    pattern: Pattern
-    method: Method
+    config: SparsifyConfig
     rows: list[ReportRow]
     analysis_frontend: str
     analysis_note: str
     inference: bool = False  # lowered by nmfx.to_inference
+
+    @property
+    def pattern(self):
+        """The config's pattern: a :class:`~nmfx.pattern.Pattern`, or ``((glob, Pattern), ...)``."""
+        return self.config.pattern
+
+    @property
+    def method(self) -> Method:
+        return self.config.method
+
+    def pattern_of(self, weight: str) -> Optional[Pattern]:
+        """The pattern a sparsified weight was given (None if it was not sparsified)."""
+        for row in self.rows:
+            if row.name == weight and row.status in ("sparsified", "packed"):
+                return Pattern.parse(row.pattern)
+        return None
 
 
 class Report(list):
@@ -88,11 +112,11 @@ def report(model: nn.Module) -> Report:
         mask = current.get(row.name)
         density = float(mask.float().mean()) if mask is not None and row.status == "sparsified" else None
         if row.status == "packed":
-            density = found.pattern.density
+            density = Pattern.parse(row.pattern).density
         rows.append(dataclasses.replace(row, density=density))
     sparsified = sum(row.status in ("sparsified", "packed") for row in rows)
     kind = "packed for inference" if found.inference else "sparsified"
-    header = (f"nmfx: {sparsified}/{len(rows)} weights {kind} at {found.pattern} with method "
+    header = (f"nmfx: {sparsified}/{len(rows)} weights {kind} at {found.config.describe_pattern()} with method "
               f"{found.method.name}; analysis graph: {found.analysis_frontend}"
               + (f" ({found.analysis_note})" if found.analysis_note else ""))
     return Report(rows, header, dead_hooks(model))

@@ -9,6 +9,9 @@ metadata under ``"nmfx"``, a JSON header (format 2)::
                  "pattern": "1:8", "kind": "nm_linear", "scope": "h.0.mlp"}, ...],
      "tensors": {"<name>": {"dtype": "float16", "shape": [...], "crc32": "1c291ca3"}, ...}}
 
+A model sparsified with per-layer patterns is written as format 3: ``"pattern"`` holds the config's
+``[[glob, "N:M"], ...]`` entries and each layer's own ``"pattern"`` is what its tensors are checked against.
+
 ``load(path, model)`` treats the file as untrusted. Before the model passed in is touched it checks
 the type of every header field (``ValueError`` naming the field), the format version, that the file's
 tensors are exactly the header's with exactly its dtypes and shapes, every tensor's CRC-32, that every
@@ -52,10 +55,16 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["save", "load", "FILE_FORMAT_VERSION"]
+from nmfx.config import literal_glob
 
-#: Version written by :func:`save`; :func:`load` reads versions 1 (no checksums, with a warning) and 2.
+__all__ = ["save", "load", "FILE_FORMAT_VERSION", "PER_LAYER_FORMAT_VERSION"]
+
+#: Version written by :func:`save` for a single-pattern model; :func:`load` reads versions 1 (no checksums,
+#: with a warning), 2 and 3.
 FILE_FORMAT_VERSION = 2
+#: Format of files whose layers have their own patterns (header ``pattern``: ``[[glob, "N:M"], ...]``);
+#: a single-pattern model is still written as format 2, which older nmfx reads.
+PER_LAYER_FORMAT_VERSION = 3
 _KEY = "nmfx"
 _CHECKSUM = "crc32"
 _VALUES, _INDICES = "_values", "_indices"
@@ -87,8 +96,8 @@ def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
                          "CPU and lower again on the GPU after loading")
     tensors = {name: t.detach().contiguous().cpu() for name, t in _unique_tensors(model).items()}
     header = {
-        "format_version": FILE_FORMAT_VERSION,
-        "pattern": str(found.pattern),
+        "format_version": PER_LAYER_FORMAT_VERSION if found.config.per_layer else FILE_FORMAT_VERSION,
+        "pattern": found.config.pattern_value(),
         "method": found.method.to_dict(),
         "checksum": _CHECKSUM,
         "layers": layers,
@@ -130,8 +139,10 @@ def load(path: Union[str, os.PathLike], model: nn.Module, backend: str = "auto")
     _materialize(staged)
     staged.to("cpu")
     weights = [layer.weight for layer in header.layers]
+    pattern = str(header.pattern) if header.pattern is not None else (
+        {literal_glob(layer.weight): str(layer.pattern) for layer in header.layers} or "1:1")
     with _quiet():
-        nmfx.sparsify(staged, str(header.pattern), "ste", include=weights or ["<none>"])
+        nmfx.sparsify(staged, pattern, "ste", include=[literal_glob(weight) for weight in weights] or ["<none>"])
     to_inference(staged, backend=backend, inplace=True, _structure_only=True)
     targets = _unique_tensors(staged)
     _check_fit(where, header, {layer["weight"]: layer for layer in packed_layers(staged)}, targets)
@@ -172,7 +183,7 @@ class _Tensor:
 @dataclass(frozen=True)
 class _Header:
     version: int
-    pattern: Any  # nmfx.pattern.Pattern
+    pattern: Any  # the file's nmfx.pattern.Pattern; None when each layer has its own (format 3)
     layers: tuple[_Layer, ...]
     tensors: dict[str, _Tensor]
 
@@ -244,11 +255,11 @@ def _validate_header(raw, where: str) -> _Header:
     if not isinstance(raw, dict):
         raise _HeaderError(f"the nmfx header must be a JSON object, got {_kind(raw)}")
     version = _require(raw, "format_version", int, "format_version", "an integer")
-    if version > FILE_FORMAT_VERSION:
-        raise ValueError(f"{where} uses nmfx file format {version}; this nmfx reads up to {FILE_FORMAT_VERSION}: "
+    if version > PER_LAYER_FORMAT_VERSION:
+        raise ValueError(f"{where} uses nmfx file format {version}; this nmfx reads up to {PER_LAYER_FORMAT_VERSION}: "
                          "upgrade nmfx")
     if version < 1:
-        _fail("format_version", f"must be 1 or 2, got {version}")
+        _fail("format_version", f"must be 1 or 2 (3 with per-layer patterns), got {version}")
 
     def pattern_of(value, field):
         try:
@@ -259,7 +270,15 @@ def _validate_header(raw, where: str) -> _Header:
             _fail(field, f"has M={pattern.m}; the packed format holds M <= {MAX_PACKED_M}")
         return pattern
 
-    pattern = pattern_of(_require(raw, "pattern", str, "pattern", "a string such as '1:8'"), "pattern")
+    if version >= PER_LAYER_FORMAT_VERSION:
+        entries = _require(raw, "pattern", list, "pattern", "a list of [glob, 'N:M'] pairs")
+        for i, entry in enumerate(entries):
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+                _fail(f"pattern[{i}]", f"must be a [glob, 'N:M'] pair, got {entry!r}"[:200])
+            pattern_of(entry[1], f"pattern[{i}]")
+        file_pattern = None  # each layer's own pattern is checked below
+    else:
+        file_pattern = pattern_of(_require(raw, "pattern", str, "pattern", "a string such as '1:8'"), "pattern")
     _require(raw, "method", dict, "method", "a JSON object")
     if version >= 2 and _require(raw, "checksum", str, "checksum", "a string") != _CHECKSUM:
         _fail("checksum", f"names an unknown algorithm {raw['checksum']!r} (this nmfx verifies {_CHECKSUM!r})")
@@ -295,12 +314,13 @@ def _validate_header(raw, where: str) -> _Header:
             _fail(f"{field}.shape", f"must have 2 dimensions, got {list(stored)}")
         transposed = _require(layer, "transposed", bool, f"{field}.transposed", "true or false")
         layer_pattern = pattern_of(_require(layer, "pattern", str, f"{field}.pattern", "a string"), f"{field}.pattern")
-        if layer_pattern != pattern:
-            _fail(f"{field}.pattern", f"is {layer_pattern}, not the file's pattern {pattern}")
+        if file_pattern is not None and layer_pattern != file_pattern:
+            _fail(f"{field}.pattern", f"is {layer_pattern}, not the file's pattern {file_pattern}")
         kind = _require(layer, "kind", str, f"{field}.kind", "a string")
         if kind != "nm_linear":
             _fail(f"{field}.kind", f"must be 'nm_linear' (the only packed kind files hold), got {kind!r}"[:200])
         out_features, in_features = (stored[1], stored[0]) if transposed else stored
+        pattern = layer_pattern
         if in_features % pattern.m:
             _fail(f"{field}.shape", f"has {in_features} inputs, not a multiple of M={pattern.m}")
         kept = in_features // pattern.m * pattern.n
@@ -319,7 +339,7 @@ def _validate_header(raw, where: str) -> _Header:
             if dtype is not None and got.dtype != dtype:
                 _fail(f"tensors[{name!r}].dtype", f"is {_dtype_name(got.dtype)}; packed indices are uint8")
         layers.append(_Layer(weight, out_features, in_features, pattern))
-    return _Header(version, pattern, tuple(layers), tensors)
+    return _Header(version, file_pattern, tuple(layers), tensors)
 
 
 # -- the tensors --------------------------------------------------------------------------------

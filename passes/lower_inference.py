@@ -77,7 +77,7 @@ def lower_inference(gm: fx.GraphModule, backend: str = "auto", structure_only: b
             lowered[op.target] = _pack_weight(owner, param, op, backend, structure_only)
             dense[op.target] = (owner, param, op)
         kind, reason, pattern = lowered[op.target]
-        annotation = dataclasses.replace(op, kind=kind, status="packed",
+        annotation = dataclasses.replace(op, kind=kind, status="packed", pattern=pattern,
                                          reason=f"{op.reason}; not semi-structured: {reason}" if reason else op.reason)
         if module_call:  # the module itself is now an NMLinear: the call stays, so do its hooks
             node.meta[META_KEY] = annotation

@@ -12,13 +12,18 @@ from torch import fx
 
 from nmfx.passes.verify import verify
 
-__all__ = ["PassPipeline", "PassFailure"]
+__all__ = ["PassPipeline", "PassFailure", "RequestError"]
 
 GraphPass = Callable[[fx.GraphModule], fx.GraphModule]
 
 
 class PassFailure(RuntimeError):
     """A pass raised, or left the graph breaking an invariant."""
+
+
+class RequestError(ValueError):
+    """What the user asked for cannot be done (e.g. a per-layer pattern that does not fit a layer it
+    matches): passed through the pipeline unwrapped, since it is no compiler failure."""
 
 
 class PassPipeline:
@@ -34,6 +39,8 @@ class PassPipeline:
             try:
                 gm = graph_pass(gm)
                 self.check(gm)
+            except RequestError:
+                raise
             except Exception as error:
                 before = ", ".join(ran) or "none"
                 raise PassFailure(f"pass {name!r} failed on {type(gm).__name__}: {error} "

@@ -6,6 +6,12 @@ would leave the other dense). ``include``/``exclude`` are fnmatch globs matched 
 qualified name, its module's name and its role (``"attn.*"``, ``"mlp.down"``, ``"*.layers.0.*"``):
 ``include`` keeps only what it matches (and can bring back a head); ``exclude`` wins over it. A weight
 whose input dimension is not divisible by every M the method's schedule uses is skipped, never padded.
+
+Per-layer patterns: ``pattern`` may be ``((glob, Pattern), ...)`` (a :class:`nmfx.config.SparsifyConfig`
+mapping). A weight that passes the filters takes the pattern of the first entry whose glob matches it
+(name, module name or role); none matching leaves it dense ("no pattern matched"). An entry whose M does
+not divide the input dimension of a weight it matches is a ValueError naming the glob (the user asked for
+that pattern there). The chosen pattern is written into the annotation (``PrunableOp.pattern``).
 """
 
 from __future__ import annotations
@@ -13,13 +19,15 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 from torch import fx
 
 from nmfx.meta import META_KEY, PrunableOp, annotated_nodes
 from nmfx.methods import Method
+from nmfx.config import SparsifyConfig
 from nmfx.pattern import Pattern
+from nmfx.passes.pipeline import RequestError
 
 __all__ = ["Policy", "apply_policy"]
 
@@ -28,30 +36,53 @@ __all__ = ["Policy", "apply_policy"]
 class Policy:
     """What to sparsify: the pattern, the method (for its schedule's patterns) and the filters."""
 
-    pattern: Pattern
+    pattern: Union[Pattern, tuple[tuple[str, Pattern], ...]]  # one pattern, or (glob, pattern) entries
     method: Method
     include: Optional[tuple[str, ...]] = None
     exclude: tuple[str, ...] = ()
     tied: Mapping[str, str] = field(default_factory=dict)  # weight name -> the name it is tied to
 
+    @classmethod
+    def from_config(cls, config: SparsifyConfig, tied: Mapping[str, str]) -> "Policy":
+        return cls(config.pattern, config.method, config.include, config.exclude, tied)
+
     def decide(self, op: PrunableOp) -> tuple[str, str]:
         """("sparsify" | "skip", reason)."""
+        status, reason, _ = self.choose(op)
+        return status, reason
+
+    def choose(self, op: PrunableOp) -> tuple[str, str, Optional[Pattern]]:
+        """("sparsify" | "skip", reason, the weight's pattern or None when skipped). Raises ValueError
+        when a per-layer entry matches a weight its pattern cannot be applied to."""
         if op.weight in self.tied:
-            return "skip", f"tied to {self.tied[op.weight]} (masking one use would leave the other dense)"
+            return "skip", f"tied to {self.tied[op.weight]} (masking one use would leave the other dense)", None
         excluded = _matches(op, self.exclude)
         if excluded:
-            return "skip", f"excluded by {excluded!r}"
+            return "skip", f"excluded by {excluded!r}", None
         included = _matches(op, self.include) if self.include is not None else ""
         if self.include is not None and not included:
-            return "skip", f"not matched by include={list(self.include)}"
+            return "skip", f"not matched by include={list(self.include)}", None
         if op.role == "head" and not included:
-            return "skip", "classifier / LM head (add it to include= to sparsify it)"
-        for pattern in self.method.patterns(self.pattern):
-            if op.in_features % pattern.m:
-                return "skip", (f"input dim {op.in_features} is not divisible by M={pattern.m} "
-                                f"(pattern {pattern}); not padded")
+            return "skip", "classifier / LM head (add it to include= to sparsify it)", None
         why = f"matched {included!r}" if included else f"role {op.role}"
-        return "sparsify", why
+        if isinstance(self.pattern, Pattern):
+            target, entry = self.pattern, ""
+        else:
+            entry = next((glob for glob, _ in self.pattern if _matches(op, (glob,))), "")
+            if not entry:
+                return "skip", f"no pattern matched (entries: {[glob for glob, _ in self.pattern]})", None
+            target = dict(self.pattern)[entry]
+            why += f"; pattern entry {entry!r}"
+        for pattern in self.method.patterns(target):
+            if op.in_features % pattern.m:
+                if entry:
+                    raise RequestError(f"pattern entry {entry!r} ({target}) matches {op.weight}, whose input dim "
+                                     f"{op.in_features} is not divisible by M={pattern.m}"
+                                     f"{'' if pattern == target else ' (a stage of the schedule)'}; give it "
+                                     "another pattern with an earlier entry, or exclude it")
+                return "skip", (f"input dim {op.in_features} is not divisible by M={pattern.m} "
+                                f"(pattern {pattern}); not padded"), None
+        return "sparsify", why, target
 
 
 def apply_policy(gm: fx.GraphModule, policy: Policy) -> fx.GraphModule:
@@ -60,8 +91,8 @@ def apply_policy(gm: fx.GraphModule, policy: Policy) -> fx.GraphModule:
         op = node.meta[META_KEY]
         if op.status != "candidate":
             continue
-        status, reason = policy.decide(op)
-        node.meta[META_KEY] = dataclasses.replace(op, status=status, reason=reason)
+        status, reason, pattern = policy.choose(op)
+        node.meta[META_KEY] = dataclasses.replace(op, status=status, reason=reason, pattern=pattern)
     return gm
 
 

@@ -22,6 +22,7 @@ no module's class.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from torch import fx
 
@@ -38,14 +39,18 @@ __all__ = ["rewrite_masked", "keep_module_calls", "MODULE_CALL_KEY"]
 MODULE_CALL_KEY = "nmfx_module_call"
 
 
-def rewrite_masked(gm: fx.GraphModule, pattern: Pattern, method: Method) -> fx.GraphModule:
-    """Rewrite every node whose annotation says ``"sparsify"``; returns ``gm`` (changed in place)."""
+def rewrite_masked(gm: fx.GraphModule, pattern: Optional[Pattern], method: Method) -> fx.GraphModule:
+    """Rewrite every node whose annotation says ``"sparsify"``, each weight at the pattern its annotation
+    holds (``pattern`` where it holds none); returns ``gm`` (changed in place)."""
     graph = gm.graph
     for node in annotated_nodes(graph):
         op: PrunableOp = node.meta[META_KEY]
         if op.status != "sparsify":
             continue
-        state_path, state = _ensure_state(gm, op, pattern, method)
+        target = op.pattern or pattern
+        if target is None:
+            raise ValueError(f"rewrite_masked: no pattern for {op.weight} (run the policy pass first)")
+        state_path, state = _ensure_state(gm, op, target, method)
         x, bias = _operands(gm, node, op)
         with graph.inserting_before(node):
             weight = graph.get_attr(op.target)
@@ -57,7 +62,7 @@ def rewrite_masked(gm: fx.GraphModule, pattern: Pattern, method: Method) -> fx.G
                 {"exact_gradient": state.exact_gradient, "transposed": op.transposed},
             )
         new.meta = dict(node.meta)
-        new.meta[META_KEY] = dataclasses.replace(op, status="sparsified")
+        new.meta[META_KEY] = dataclasses.replace(op, status="sparsified", pattern=target)
         if node.op == "call_module" and is_plain_linear(gm.get_submodule(node.target)):
             new.meta[MODULE_CALL_KEY] = node.target
         node.replace_all_uses_with(new)

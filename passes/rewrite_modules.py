@@ -73,16 +73,17 @@ def multihead_attention_ops(name: str, module: nn.MultiheadAttention) -> list[tu
     return found
 
 
-def rewrite_multihead_attention(name: str, module: nn.MultiheadAttention, pattern: Pattern, method: Method,
-                                decide: Callable[[PrunableOp], tuple[str, str]]) -> list[PrunableOp]:
-    """Decide each projection weight, attach state to the chosen ones and swap the class if any was."""
+def rewrite_multihead_attention(name: str, module: nn.MultiheadAttention, method: Method,
+                                choose: Callable[[PrunableOp], tuple[str, str, Optional[Pattern]]]) -> list[PrunableOp]:
+    """Decide each projection weight (``choose``: the policy's status, reason and pattern), attach state to
+    the chosen ones and swap the class if any was."""
     ops = []
     for owner, param, op in multihead_attention_ops(name, module):
-        status, reason = decide(op)
+        status, reason, pattern = choose(op)
         if status == "sparsify":
             owner.add_module(param + STATE_SUFFIX, NMState(param, getattr(owner, param), pattern, method, dim=1))
             status = "sparsified"
-        ops.append(dataclasses.replace(op, status=status, reason=reason))
+        ops.append(dataclasses.replace(op, status=status, reason=reason, pattern=pattern))
     if any(op.status == "sparsified" for op in ops):
         module.__class__ = MaskedMultiheadAttention
     return ops

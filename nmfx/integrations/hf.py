@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from typing import Any, Optional
 
@@ -44,6 +43,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 import nmfx
+from nmfx.config import SparsifyConfig, literal_glob
 from nmfx.ops import effective_weight
 from nmfx.state import PRUNED_KEY, STATE_KEYS, STATE_SUFFIX, pruned_values
 
@@ -52,7 +52,7 @@ __all__ = ["NMSparsityCallback", "from_pretrained", "checkpoint_record", "RECORD
 #: The key of the nmfx record in ``config.json``.
 RECORD_KEY = "nmfx"
 #: Version of that record; bump on incompatible changes.
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: the pattern may be per layer ([[glob, "N:M"], ...]); single-pattern records stay 1
 _MISSING = object()
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
@@ -104,9 +104,9 @@ def checkpoint_record(model: nn.Module) -> dict[str, Any]:
     needs to sparsify a freshly loaded model the same way."""
     found = nmfx.api.record(model)
     return {
-        "format_version": RECORD_VERSION,
         "nmfx_version": nmfx.__version__,
-        "pattern": str(found.pattern),
+        "format_version": RECORD_VERSION if found.config.per_layer else 1,  # 2: per-layer patterns
+        "pattern": found.config.pattern_value(),
         "method": found.method.to_dict(),
         "sparsified": sorted(nmfx.states(model)),
         "layout": "effective",  # weight keys hold W_eff; <weight>_nm.pruned the dense values where pruned
@@ -190,7 +190,7 @@ def from_pretrained(cls: type, path: str | os.PathLike, **kwargs: Any) -> nn.Mod
     model = cls.from_pretrained(path, **kwargs)
     record = _parse_record(model.config.__dict__.pop(RECORD_KEY, None), path)
     names = record["sparsified"]
-    nmfx.sparsify(model, record["pattern"], record["method"], include=[_literal_glob(name) for name in names])
+    nmfx.sparsify(model, record["pattern"], record["method"], include=[literal_glob(name) for name in names])
     rebuilt = sorted(nmfx.states(model))
     if rebuilt != names:
         raise ValueError(f"{os.fspath(path)}: sparsifying {cls.__name__} as recorded gives other weights than the "
@@ -219,9 +219,10 @@ def _parse_record(record: Any, path: Any) -> dict[str, Any]:
         raise ValueError(f"{where}: nmfx record format {version} is newer than this nmfx reads ({RECORD_VERSION}); "
                          "upgrade nmfx")
     try:
-        pattern = str(nmfx.Pattern.parse(record.get("pattern")))
-        method = nmfx.resolve_method(record.get("method") if isinstance(record.get("method"), dict) else "?")
-    except ValueError as error:
+        config = SparsifyConfig.build(record.get("pattern") if version > 1 else str(record.get("pattern")),
+                                      record.get("method") if isinstance(record.get("method"), dict) else "?")
+        pattern, method = config.pattern_value(), config.method
+    except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: invalid nmfx pattern or method ({error})") from None
     names = record.get("sparsified")
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names) or names != sorted(set(names)):
@@ -259,11 +260,6 @@ def _read_tensors(path: Any, wanted: set[str], kwargs: dict[str, Any]) -> dict[s
             chosen = wanted if keys is None else keys
             tensors.update({key: f.get_tensor(key) for key in f.keys() if key in chosen})
     return tensors
-
-
-def _literal_glob(name: str) -> str:
-    """An fnmatch glob matching exactly ``name``."""
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def _full(tensor: Any) -> Any:
