@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import nmfx
-from nmfx.bench import LAYER_HEADER, describe, format_layer_row, layer_rows, machine_info, timeit
+from nmfx.bench import LAYER_HEADER, describe, format_layer_row, layer_rows, machine_info, overhead_rows, timeit
 from nmfx.kernels import cpu as nmfx_cpu
 
 PATTERNS = ["2:4", "1:4", "2:8", "1:8", "1:16", "1:32"]
@@ -115,6 +115,9 @@ def main() -> None:
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--no-csr", action="store_true", help="skip torch CSR")
     parser.add_argument("--e2e", action="store_true", help="also time GPT-2 decode and a ViT end to end")
+    parser.add_argument("--overhead", action="store_true",
+                        help="only the per-call overhead at batch 1 (512 and 1024 wide, 1:8, fp32 and bf16); "
+                             "writes results/bench_overhead.json")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --output's JSON")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
@@ -127,6 +130,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not nmfx_cpu.available():
         raise SystemExit(f"nmfx C++ kernel unavailable: {nmfx_cpu.build_error()}")
+    if args.overhead:
+        info = machine_info()
+        print(f"machine: {describe(info)} | kernel ISA {nmfx_cpu.isa()} | per call, microseconds, batch 1")
+        rows = []
+        for row in overhead_rows():
+            rows.append(row)
+            print("  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+        out = args.output.with_name("bench_overhead.json") if args.output == RESULTS else args.output
+        out.write_text(json.dumps({"benchmark": "nm_linear per-call time at batch 1", "threads": args.threads,
+                                   "kernel_isa": nmfx_cpu.isa(), "machine": info, "rows": rows,
+                                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+        print(f"wrote {out}")
+        return
     if args.quick:
         patterns, batches, dtypes = ["1:8"], [1, 64], ["float32"]
     else:

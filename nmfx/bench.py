@@ -165,6 +165,43 @@ def layer_rows(size: int, patterns: Sequence[str], batches: Sequence[int], dtype
                 yield row
 
 
+def overhead_rows(widths: Sequence[int] = (512, 1024), pattern: str = "1:8", dtypes: Sequence[str] = ("float32", "bfloat16"),
+                  calls: int = 200, budget_s: float = 1.0) -> Iterator[dict]:
+    """Per-call time at batch 1 of a ``width x width`` layer, interleaved: the op as a model calls it
+    (``torch.ops.nmfx.nm_linear(..., "auto")`` under ``no_grad``, and under ``inference_mode``), the Python wrapper ``nmfx.inference_ops.nm_linear``,
+    the raw extension function (no dispatcher), and dense ``F.linear``; each timed over ``calls`` calls.
+    What the op costs above the extension function is the per-call dispatch overhead."""
+    from nmfx.inference_ops import nm_linear
+    from nmfx.kernels import cpu
+    from nmfx.packed import pack_nm
+
+    ext = cpu.load()
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        for width in widths:
+            packed = pack_nm(torch.randn(width, width, generator=torch.Generator().manual_seed(0)).to(dtype), pattern)
+            w = packed.unpack()
+            x = torch.randn(1, width).to(dtype)
+            args = (x, packed.values, packed.indices, None, packed.pattern.n, packed.pattern.m, packed.index_bits)
+            op = torch.ops.nmfx.nm_linear.default
+
+            def loop(fn, *a, mode=torch.no_grad):
+                def run():
+                    with mode():
+                        for _ in range(calls):
+                            fn(*a)
+                return run
+
+            fns = {"op": loop(op, *args, "auto"), "op_inference_mode": loop(op, *args, "auto", mode=torch.inference_mode),
+                   "wrapper": loop(nm_linear, *args, "auto"), "dense": loop(F.linear, x, w)}
+            if ext is not None:
+                fns["extension"] = loop(ext.nm_linear, *args, 0)
+            t = time_interleaved(fns, 5, 40, budget_s * len(fns))
+            row = {"width": width, "dtype": dtype_name, "pattern": pattern, "batch": 1}
+            row.update({f"{name}_us": sec / calls * 1e6 for name, sec in t.items()})
+            yield row
+
+
 def format_layer_row(row: dict) -> str:
     csr_ms = f"{row['csr_ms']:9.3f}" if row["csr_ms"] is not None else f"{'n/a':>9}"
     x_csr = f"{row['speedup_vs_csr']:6.2f}x" if row["speedup_vs_csr"] is not None else f"{'n/a':>7}"

@@ -1,6 +1,6 @@
 """``nmfx::nm_linear``: the inference op for a linear layer with a packed N:M weight.
 
-Signature (a ``torch.library`` custom op; traceable by ``torch.compile(fullgraph=True)`` and
+Signature (a ``torch.library`` op; traceable by ``torch.compile(fullgraph=True)`` and
 ``torch.export`` through its fake implementation)::
 
     torch.ops.nmfx.nm_linear(
@@ -151,8 +151,23 @@ def nm_linear_reference(
     return F.linear(x, weight, bias)
 
 
-@torch.library.custom_op("nmfx::nm_linear", mutates_args=())
-def nm_linear(
+# The op is defined with torch.library (not ``custom_op``) so that its CPU kernel can be registered from
+# C++: when the extension is loaded it registers ``nmfx::nm_linear`` for the CPU dispatch key
+# (``TORCH_LIBRARY_IMPL`` in nm_linear_cpu.cpp), and an eager call on CPU tensors with backend "auto" or
+# "cpu" then runs no Python at all. The Python implementation below is the CompositeExplicitAutograd
+# kernel: it serves other devices, the first call before the extension is loaded, a failed build, and
+# (through ``nmfx::_nm_linear_python``, which the C++ kernel calls) the "reference"/"triton" backends and
+# the Python-worded argument errors on the CPU. No autograd formula is registered: inference only.
+_SCHEMA = (
+    "(Tensor x, Tensor values, Tensor indices, Tensor? bias, SymInt n, SymInt m, SymInt index_bits, "
+    'str backend="auto") -> Tensor'
+)
+_lib = torch.library.Library("nmfx", "FRAGMENT")
+_lib.define("nm_linear" + _SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
+_lib.define("_nm_linear_python" + _SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
+
+
+def _nm_linear_impl(
     x: torch.Tensor,
     values: torch.Tensor,
     indices: torch.Tensor,
@@ -162,7 +177,7 @@ def nm_linear(
     index_bits: int,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``x @ W.T + bias`` for a packed N:M weight; see the module docstring for the argument layout."""
+    """The op's Python implementation (see the comment above for when it runs)."""
     _check(x, values, indices, bias, n, m, index_bits, backend)
     on_cpu = x.device.type == "cpu" and values.device.type == "cpu" and indices.device.type == "cpu"
     if backend == "cpu" and not on_cpu:
@@ -178,15 +193,34 @@ def nm_linear(
     if backend != "reference" and on_cpu:
         from nmfx.kernels import cpu as _cpu
 
-        if _cpu.available():  # warns once, inside, when the build fails
+        if _cpu.available():  # warns once, inside, when the build fails; loading registers the C++ CPU kernel
             return _cpu.nm_linear(x, values, indices, bias, n, m, index_bits)
     return nm_linear_reference(x, values, indices, bias, n, m, index_bits)
 
 
-@nm_linear.register_fake
-def _(x, values, indices, bias, n, m, index_bits, backend="auto"):
+def _nm_linear_fake(x, values, indices, bias, n, m, index_bits, backend="auto"):
     out, _, _ = _check(x, values, indices, bias, n, m, index_bits, backend)
     return x.new_empty((*x.shape[:-1], out))
+
+
+for _name in ("nm_linear", "_nm_linear_python"):
+    _lib.impl(_name, _nm_linear_impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"nmfx::{_name}", _nm_linear_fake, lib=_lib)
+
+
+def nm_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    n: int,
+    m: int,
+    index_bits: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for a packed N:M weight: calls ``torch.ops.nmfx.nm_linear`` (see the module
+    docstring for the argument layout)."""
+    return torch.ops.nmfx.nm_linear.default(x, values, indices, bias, n, m, index_bits, backend)
 
 
 def nm_linear_packed(

@@ -66,8 +66,9 @@ def test_reference_is_dense_linear(pattern, dtype, batch, with_bias, seed):
 
 def test_opcheck_reference():
     p, packed, x, b = _case("2:8", torch.float32, (2, 3), 4, 5, 0, True)
-    torch.library.opcheck(nm_linear, (x, packed.values, packed.indices, b, 2, 8, 3, "reference"))
-    torch.library.opcheck(nm_linear, (x, packed.values, packed.positions(), None, 2, 8, 8, "reference"))
+    op = torch.ops.nmfx.nm_linear.default
+    torch.library.opcheck(op, (x, packed.values, packed.indices, b, 2, 8, 3, "reference"))
+    torch.library.opcheck(op, (x, packed.values, packed.positions(), None, 2, 8, 8, "reference"))
 
 
 def test_bad_inputs_raise_value_errors():
@@ -92,6 +93,9 @@ def test_bad_inputs_raise_value_errors():
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
+    """In a process whose build failed, the C++ CPU kernel is never registered and every call runs the
+    op's Python implementation (called here as nmfx::_nm_linear_python, since this session may already
+    have loaded the real library; the end-to-end case is the subprocess test below)."""
     import torch.utils.cpp_extension as ext
 
     def broken(*args, **kwargs):
@@ -105,8 +109,9 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         p, packed, x, b = _case("1:4", torch.float32, (3,), 2, 4, 0, True)  # packing tries the build first
-        y1 = nm_linear_packed(x, packed, b, backend="cpu")
-        y2 = nm_linear_packed(x, packed, b, backend="cpu")
+        python_impl = torch.ops.nmfx._nm_linear_python.default
+        args = (x, packed.values, packed.indices, b, 1, 4, packed.index_bits)
+        y1, y2 = python_impl(*args, "cpu"), python_impl(*args, "auto")
     msgs = [str(w.message) for w in caught if "could not build the C++ CPU kernel" in str(w.message)]
     assert len(msgs) == 1 and "no compiler here" in msgs[0]
     assert not cpu.available()
@@ -164,8 +169,54 @@ def test_op_3d_input(cpu_kernel, with_bias, dtype):
 
 def test_opcheck_cpu(cpu_kernel):
     p, packed, x, b = _case("2:8", torch.float32, (2, 3), 4, 5, 0, True)
-    torch.library.opcheck(nm_linear, (x, packed.values, packed.indices, b, 2, 8, 3, "cpu"))
-    torch.library.opcheck(nm_linear, (x[0], packed.values, packed.positions(), None, 2, 8, 8, "auto"))
+    op = torch.ops.nmfx.nm_linear.default
+    torch.library.opcheck(op, (x, packed.values, packed.indices, b, 2, 8, 3, "cpu"))
+    torch.library.opcheck(op, (x[0], packed.values, packed.positions(), None, 2, 8, 8, "auto"))
+
+
+def test_cpu_calls_run_the_cpp_kernel_without_python(cpu_kernel):
+    """Once the library is loaded, nmfx::nm_linear has a C++ kernel for the CPU dispatch key: an eager
+    "auto"/"cpu" call runs no nmfx Python code and returns exactly the extension's result; the other
+    backends and refused arguments still reach the Python implementation (its results and wording)."""
+    import sys
+
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("nmfx::nm_linear", "CPU")
+    p, packed, x, b = _case("1:8", torch.bfloat16, (3,), 8, 21, 1, True)
+    args = (x, packed.values, packed.indices, b, 1, 8, packed.index_bits)
+    op = torch.ops.nmfx.nm_linear.default
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call" and "nmfx" in frame.f_code.co_filename:
+            calls.append(frame.f_code.co_name)
+
+    for grad_mode in (torch.no_grad, torch.enable_grad, torch.inference_mode):
+        with grad_mode():
+            sys.setprofile(profile)
+            try:
+                ys = [op(*args, backend) for backend in ("auto", "cpu")]
+            finally:
+                sys.setprofile(None)
+        assert calls == [], calls
+        for y in ys:
+            assert torch.equal(y, cpu_kernel.nm_linear(*args, 0))
+    sys.setprofile(profile)
+    try:
+        y_ref = op(*args, "reference")
+    finally:
+        sys.setprofile(None)
+    assert "nm_linear_reference" in calls
+    assert torch.equal(y_ref, nm_linear_reference(*args))
+    v, i = packed.values, packed.indices
+    for backend in ("auto", "cpu"):  # the kernel refuses these; the op's own message names the problem
+        with pytest.raises(ValueError, match="in_features=64"):
+            op(torch.randn(2, 40).bfloat16(), v, i, b, 1, 8, 3, backend)
+        with pytest.raises(ValueError, match="bias must be"):
+            op(x, v, i, b[:3], 1, 8, 3, backend)
+        with pytest.raises(ValueError, match="index_bits must be 8 or 3"):
+            op(x, v, i, b, 1, 8, 4, backend)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        op(*args, "cuda")
 
 
 class _Packed(torch.nn.Module):

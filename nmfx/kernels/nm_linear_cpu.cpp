@@ -66,7 +66,9 @@
 //    while dense GEMM reaches ~90 per core, so fp32 2:4 wins only 1.6-2.4x and bf16 2:4 loses to
 //    dense bf16 at B >= 8.
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -1001,9 +1003,35 @@ at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Te
 
 std::string isa() { return NMFX_ISA; }
 
+// torch.ops.nmfx.nm_linear for the CPU dispatch key (the schema is defined in nmfx/inference_ops.py;
+// registered when this library is loaded), so an eager call on CPU tensors with backend "auto" or
+// "cpu" runs no Python. Anything else goes to the op's Python implementation through the private op
+// nmfx::_nm_linear_python (same schema): backend "reference" / "triton" / an unknown name, and
+// arguments this kernel refuses, so that the error is the op's own ValueError wording (for a stored
+// position >= M the Python implementation calls this kernel again, which raises its message).
+at::Tensor nm_linear_op_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
+                            const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, int64_t index_bits,
+                            c10::string_view backend) {
+  if (backend == "auto" || backend == "cpu") {
+    try {
+      return nm_linear(x, values, indices, bias, n, m, index_bits, 0);
+    } catch (const c10::ValueError&) {
+      // refused: let the Python implementation word the error (below)
+    }
+  }
+  static const auto python_impl =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("nmfx::_nm_linear_python", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                            c10::SymInt, c10::SymInt, c10::SymInt, c10::string_view)>();
+  return python_impl.call(x, values, indices, bias, c10::SymInt(n), c10::SymInt(m), c10::SymInt(index_bits), backend);
+}
+
 at::Tensor nm_mask(const at::Tensor& w, int64_t n, int64_t m);  // nm_mask_cpu.cpp
 
 }  // namespace nmfx_cpu
+
+TORCH_LIBRARY_IMPL(nmfx, CPU, lib) { lib.impl("nm_linear", &nmfx_cpu::nm_linear_op_cpu); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("nm_linear", &nmfx_cpu::nm_linear, "N:M sparse linear (packed weight), CPU",
