@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from torch import Tensor, fx, nn
 
+from nmfx.layers import is_plain_linear
 from nmfx.meta import META_KEY, PrunableOp, annotated_nodes
 from nmfx.config import SparsifyConfig
 from nmfx.methods import Method
@@ -21,7 +22,7 @@ from nmfx.pattern import PatternLike
 from nmfx.report import ReportRow, SparsifyRecord, default_pattern
 from nmfx.state import (LEGACY_KEY, PRUNED_KEY, STATE_KEYS, STATE_SUFFIX, NMState, checkpoint_problems,
                         dense_weight, normalize_checkpoint)
-from nmfx.tracing import analysis_graph, install_scope, rewrite_scopes
+from nmfx.tracing import ROOT_GRAPH_ATTR, analysis_graph, install_scope, rewrite_scopes
 
 __all__ = ["sparsify", "step", "masks", "graphs", "is_sparsified", "states"]
 
@@ -93,7 +94,7 @@ def sparsify(
 
     analysis, frontend, note = analysis_graph(model, example_inputs)
     graph_roles: dict[str, str] = {}
-    if analysis is not None:
+    if analysis is not None and not is_plain_linear(model):  # a lone Linear is no model's head
         find_prunable(analysis)
         tag_roles(analysis, whole_model=True)
         graph_roles = {node.meta[META_KEY].weight: node.meta[META_KEY].role for node in annotated_nodes(analysis.graph)}
@@ -172,9 +173,12 @@ def masks(model: nn.Module) -> dict[str, Tensor]:
 
 
 def graphs(model: nn.Module) -> dict[str, fx.GraphModule]:
-    """``{module name: rewritten GraphModule}`` (print ``gm.code`` to read one)."""
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, fx.GraphModule) and any(META_KEY in n.meta for n in module.graph.nodes)}
+    """``{module name: rewritten GraphModule}`` (print ``gm.code`` to read one); ``""`` is the root's own
+    forward when it was rewritten (the root keeps its object; its ``forward`` runs this graph's code)."""
+    found = {name: module for name, module in model.named_modules()
+             if isinstance(module, fx.GraphModule) and any(META_KEY in n.meta for n in module.graph.nodes)}
+    root = getattr(model, ROOT_GRAPH_ATTR, None)
+    return {"": root, **found} if root is not None and "" not in found else found
 
 
 def is_sparsified(model: nn.Module) -> bool:

@@ -20,7 +20,7 @@ from nmfx.passes.lower_inference import SEMI_SUFFIX, lower_inference, lower_weig
 from nmfx.passes.rewrite_modules import MaskedMultiheadAttention
 from nmfx.passes.verify import verify
 from nmfx.state import NMState
-from nmfx.tracing import TRACED_FROM_KEY
+from nmfx.tracing import ROOT_GRAPH_ATTR, TRACED_FROM_KEY, sync_root
 
 __all__ = ["to_inference", "is_inference", "LOWERING_BACKENDS"]
 
@@ -79,6 +79,8 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
     for scope, gm in graphs(target).items():
         lower_inference(gm, backend=backend, structure_only=_structure_only)
         verify(gm)
+        if gm is getattr(target, ROOT_GRAPH_ATTR, None):
+            sync_root(target)
         lowered.update((node.meta[META_KEY].weight, node.meta[META_KEY]) for node in annotated_nodes(gm.graph)
                        if node.meta[META_KEY].status == "packed")
         _replace_standalone_scope(target, scope, gm)

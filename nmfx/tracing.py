@@ -9,6 +9,13 @@
   hooks, down to the prunable leaves (an ``nn.Linear`` is always traceable). Only scopes that contain a
   prunable op are returned. The root is never replaced, so the user's model object keeps its class and
   methods (a transformers model keeps ``generate()`` and ``config``).
+* **The root's own forward** (scope name ``""``): a root that is a plain ``nn.Linear`` is traced like any
+  Linear (installed by swapping its class to ``MaskedLinear``). Any other root whose own parameters are 2-D
+  is traced with *every* submodule kept as a leaf (its children are scopes of their own), and only ops on
+  its own parameters are kept as prunable; the rewritten graph is installed by swapping the root's class
+  for a generated subclass whose ``forward`` is the graph's code, run on the root object itself (its other
+  methods, attributes, hooks and ``state_dict`` names stay). The graph is kept as ``model._nmfx_root_graph``
+  (``nmfx.graphs(model)[""]``) for lowering.
 
 Hooks. A traced graph calls the leaf modules (``torch.nn`` layers) and inlines every other submodule's
 forward, so hooks on an inlined module could never run. Therefore: a submodule that has hooks when it
@@ -34,7 +41,9 @@ from torch import fx, nn
 
 
 from nmfx.layers import MaskedLinear, is_plain_linear
+from nmfx.meta import META_KEY, annotated_nodes
 from nmfx.passes.rewrite_masked import keep_module_calls
+from nmfx.passes.verify import OPAQUE_CALLS_KEY
 from nmfx.state import NMState
 
 __all__ = ["Scope", "analysis_graph", "rewrite_scopes", "trace_module", "install_scope", "has_hooks", "dead_hooks"]
@@ -80,9 +89,21 @@ class _Tracer(fx.Tracer):
         return has_hooks(m) or super().is_leaf_module(m, module_qualified_name)
 
 
-def trace_module(module: nn.Module) -> tuple[Optional[fx.GraphModule], str]:
-    """Symbolically trace ``module`` alone; (graph module, "") or (None, why not)."""
-    if has_hooks(module) and not is_plain_linear(module):
+class _RootTracer(fx.Tracer):
+    """Traces only the root's own forward: every submodule is a leaf (called as it is)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+#: Attribute (not a submodule) holding the rewritten graph of the root's own forward.
+ROOT_GRAPH_ATTR = "_nmfx_root_graph"
+
+
+def trace_module(module: nn.Module, root: bool = False) -> tuple[Optional[fx.GraphModule], str]:
+    """Symbolically trace ``module`` alone (``root``: its own forward only, every submodule a leaf);
+    (graph module, "") or (None, why not)."""
+    if has_hooks(module) and not is_plain_linear(module) and not root:
         return None, ("it has hooks, which a graph replacing it would drop; to sparsify it, remove them, sparsify, "
                       "and register them again on model.get_submodule(<this name>)")
     was_training = module.training
@@ -90,7 +111,7 @@ def trace_module(module: nn.Module) -> tuple[Optional[fx.GraphModule], str]:
         graphs = []
         for mode in (True, False):
             module.train(mode)
-            graphs.append(_Tracer().trace(module))
+            graphs.append((_RootTracer() if root else _Tracer()).trace(module))
     except Exception as error:  # tracing user code can fail in any way; the reason is reported
         first_line = str(error).splitlines()[0][:160] if str(error) else ""
         return None, f"{type(error).__name__}: {first_line}"
@@ -130,10 +151,18 @@ def rewrite_scopes(model: nn.Module, has_prunable) -> tuple[list[Scope], list[Un
                     visit(f"{name}.{target}", gm.get_submodule(target))
                 return
             reason = f"it cannot be traced ({reason})"
-        else:
-            reason = ("the top-level module's own forward is never rewritten, so the model keeps its class "
-                      "(sparsify a module that contains this one)")
+        elif is_plain_linear(module):  # a root nn.Linear: traced like any Linear, its class swapped on install
+            gm, reason = trace_module(module)
+            if gm is not None and has_prunable(gm, ""):
+                scopes.append(Scope("", gm))
+                return
         own = tuple(n for n, p in module.named_parameters(recurse=False) if p.dim() == 2)
+        if own and not name and not is_plain_linear(module):  # the root's own forward, its submodules as leaves
+            gm, why = trace_module(module, root=True)
+            if gm is not None and has_prunable(gm, "") and _keep_own_ops(gm):
+                scopes.append(Scope("", gm))
+            own = () if gm is not None else own
+            reason = f"the top-level forward cannot be traced ({why})"
         if own:
             untraced.append(Untraced(name, type(module).__name__, own, reason))
         for child_name, child in module.named_children():
@@ -184,16 +213,29 @@ def _analysis_graph(model: nn.Module, example_inputs: Any) -> tuple[Optional[fx.
     return None, PER_MODULE, "; ".join(notes) + "; roles fall back to per-module graphs and names"
 
 
+def _keep_own_ops(gm: fx.GraphModule) -> bool:
+    """Drop the annotations of ops on submodules' weights from a root graph (the submodules are scopes of
+    their own); True if an op on the root's own parameters is left."""
+    for node in annotated_nodes(gm.graph):
+        if "." in node.meta[META_KEY].target:
+            del node.meta[META_KEY]
+    gm.meta[OPAQUE_CALLS_KEY] = True
+    return bool(annotated_nodes(gm.graph))
+
+
 def install_scope(model: nn.Module, scope: Scope) -> None:
     """Apply a rewritten scope to the model: a plain ``nn.Linear`` traced alone keeps its object (its class
     becomes :class:`~nmfx.layers.MaskedLinear` and it takes the graph's mask state); any other scope's
     graph module replaces the submodule it was traced from, with the ``nn.Linear`` calls it rewrote kept
     as calls of those (class-swapped) modules. Modules whose calls the graph inlines, and the replaced
     object, warn when a hook is registered on them later."""
+    gm = scope.graph_module
+    if scope.name == "" and not is_plain_linear(model):
+        _install_root(model, gm)
+        return
     parent_name, _, child_name = scope.name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    original = getattr(parent, child_name)
-    gm = scope.graph_module
+    original = getattr(parent, child_name) if scope.name else model
     if is_plain_linear(original):
         for name, child in list(gm.named_children()):
             if isinstance(child, NMState):
@@ -210,6 +252,40 @@ def install_scope(model: nn.Module, scope: Scope) -> None:
     _warn_on_new_hooks(original, scope.name, f"nmfx.sparsify replaced this object by a rewritten graph module, so hooks "
                        f"on it never run; register them on model.get_submodule({scope.name!r})")
     setattr(parent, child_name, gm)
+
+
+def _install_root(model: nn.Module, gm: fx.GraphModule) -> None:
+    """The root keeps its object: it takes the graph's states and its class becomes a generated subclass
+    whose ``forward`` is the graph's code (run on the root itself)."""
+    for name, child in list(gm.named_children()):
+        if isinstance(child, NMState):
+            model.add_module(name, child)
+    model.__class__ = _root_class(type(model), gm)
+    object.__setattr__(model, ROOT_GRAPH_ATTR, gm)
+
+
+def sync_root(model: nn.Module) -> None:
+    """After a pass changed the root graph's own parameters, buffers and states (lowering), give the root
+    the same ones and the graph's new code."""
+    gm = getattr(model, ROOT_GRAPH_ATTR)
+    for name in [n for n in model._parameters if n not in gm._parameters]:
+        del model._parameters[name]
+    for name, param in gm._parameters.items():
+        model._parameters[name] = param
+    for name in [n for n in model._buffers if n not in gm._buffers]:
+        del model._buffers[name]
+    for name, buffer in gm._buffers.items():
+        model.register_buffer(name, buffer, persistent=name not in gm._non_persistent_buffers_set)
+    for name in [n for n, child in model._modules.items() if isinstance(child, NMState) and n not in gm._modules]:
+        del model._modules[name]
+    model.__class__ = _root_class(model._nmfx_base, gm)
+
+
+def _root_class(base: type, gm: fx.GraphModule) -> type:
+    """A subclass of the root's own class (same name) whose ``forward`` is ``gm``'s generated code."""
+    base = getattr(base, "_nmfx_base", base)
+    return type(base.__name__, (base,), {"forward": type(gm).forward, "__module__": base.__module__,
+                                         "__qualname__": base.__qualname__, "_nmfx_base": base})
 
 
 class _InlinedHooks(OrderedDict):

@@ -6,7 +6,8 @@
   and carries an annotation whose status is ``"sparsified"``;
 * an annotated ``call_module`` node with status ``"sparsified"`` calls a :class:`nmfx.layers.MaskedLinear`
   (with such a mask), one with status ``"packed"`` an :class:`nmfx.layers.NMLinear` (with its packed
-  buffers), and every call of those two types is annotated so;
+  buffers), and every call of those two types is annotated so (except in a graph whose ``meta`` has
+  ``"nmfx_opaque_calls"``: the root's own forward, whose submodules are scopes of their own);
 * no annotated node is left with status ``"sparsify"`` after the rewrite (``rewritten=True``).
 """
 
@@ -21,7 +22,10 @@ from nmfx.meta import META_KEY
 from nmfx.state import NMState
 from nmfx.ops import masked_linear
 
-__all__ = ["InvariantError", "verify"]
+__all__ = ["InvariantError", "verify", "OPAQUE_CALLS_KEY"]
+
+#: ``GraphModule.meta`` key: the graph's unannotated module calls are submodules rewritten on their own.
+OPAQUE_CALLS_KEY = "nmfx_opaque_calls"
 
 
 class InvariantError(AssertionError):
@@ -44,7 +48,7 @@ def verify(gm: fx.GraphModule, rewritten: bool = False) -> None:
             _check_masked(gm, node)
         if node.op == "call_function" and node.target is torch.ops.nmfx.nm_linear.default:
             _check_packed(gm, node)
-        if node.op == "call_module":
+        if node.op == "call_module" and (META_KEY in node.meta or not gm.meta.get(OPAQUE_CALLS_KEY)):
             _check_module_call(gm, node)
         op = node.meta.get(META_KEY)
         if rewritten and op is not None and op.status == "sparsify":

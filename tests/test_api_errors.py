@@ -108,14 +108,13 @@ def test_no_prunable_op_warns_and_report_works(build):
     nmfx.step(model)  # a no-op, not an error
 
 
-def test_bare_linear_top_level_warns_with_reason():
-    """The root module is never replaced, so a bare nn.Linear is reported as skipped, with a reason."""
+def test_bare_linear_top_level_is_sparsified_in_place():
+    """A bare nn.Linear root keeps its object: its class becomes MaskedLinear (tests/test_root_forward.py)."""
     model = nn.Linear(8, 8)
-    with pytest.warns(UserWarning, match="nothing in Linear was sparsified"):
-        nmfx.sparsify(model, "2:4", "ste")
+    assert nmfx.sparsify(model, "2:4", "ste") is model
     (row,) = nmfx.report(model)
-    assert row.name == "weight" and row.status == "skip" and "top-level" in row.reason
-    assert isinstance(model, nn.Linear) and type(model) is nn.Linear
+    assert row.name == "weight" and row.status == "sparsified"
+    assert isinstance(model, nn.Linear) and type(model) is nmfx.MaskedLinear
 
 
 # ----------------------------------------------------------------------------------------------
