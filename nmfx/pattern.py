@@ -97,8 +97,9 @@ def nm_mask(weight: torch.Tensor, pattern: PatternLike, dim: int = -1) -> torch.
     Groups are ``M`` consecutive elements along ``dim``; each keeps exactly ``N`` elements, those of
     largest magnitude. Ties go to the lower index; NaN counts as smaller than every number (and never
     changes how many are kept); an all-zero group still keeps ``N``. On the CPU a C++ kernel reads each
-    group once (:mod:`nmfx.kernels.cpu`, built on first use); elsewhere, or if it cannot be built, plain
-    torch: ``N = 1`` is one argmax, ``N = 2`` two, larger ``N`` a stable sort within each group.
+    group once (:mod:`nmfx.kernels.cpu`) when it is already built: a mask never starts the minute-long
+    compile, which happens at ``to_inference`` or the first inference call instead; elsewhere, plain
+    torch (the same mask): ``N = 1`` is one argmax, ``N = 2`` two, larger ``N`` a stable sort within each group.
     """
     pattern = Pattern.parse(pattern)
     if not isinstance(weight, torch.Tensor):
@@ -127,9 +128,10 @@ _CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _cpu_kernel_applies(t: torch.Tensor) -> bool:
     """The one-pass C++ kernel serves plain CPU tensors outside compilation (fake and other tensor
-    subclasses, CUDA tensors and float64 take the plain-torch path), once it could be built."""
+    subclasses, CUDA tensors and float64 take the plain-torch path), once it is built (a verified
+    library in the cache is loaded; a missing one is not compiled here, in the middle of training setup)."""
     return (t.device.type == "cpu" and t.dtype in _CPU_KERNEL_DTYPES and type(t) is torch.Tensor
-            and not torch.compiler.is_compiling() and _cpu_kernel.load() is not None)
+            and not torch.compiler.is_compiling() and _cpu_kernel.cached() and _cpu_kernel.load() is not None)
 
 
 def _nm_mask_torch(moved: torch.Tensor, n: int, m: int) -> torch.Tensor:

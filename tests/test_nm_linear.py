@@ -108,7 +108,7 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setattr(ext, "load", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        p, packed, x, b = _case("1:4", torch.float32, (3,), 2, 4, 0, True)  # packing tries the build first
+        p, packed, x, b = _case("1:4", torch.float32, (3,), 2, 4, 0, True)
         python_impl = torch.ops.nmfx._nm_linear_python.default
         args = (x, packed.values, packed.indices, b, 1, 4, packed.index_bits)
         y1, y2 = python_impl(*args, "cpu"), python_impl(*args, "auto")
@@ -262,7 +262,7 @@ def test_no_compiler_falls_back_to_the_reference_with_one_warning(tmp_path):
         x = torch.randn(3, 32)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            p = pack_nm(torch.randn(8, 32), "1:8")  # its nm_mask is the first to try the build
+            p = pack_nm(torch.randn(8, 32), "1:8")  # its nm_mask does not try the build; the op does
             ys = [nm_linear_packed(x, p, None, backend=b) for b in ("auto", "cpu", "auto")]
         expected = torch.nn.functional.linear(x, p.unpack())
         assert all(torch.allclose(y, expected, atol=1e-6) for y in ys)
@@ -274,6 +274,56 @@ def test_no_compiler_falls_back_to_the_reference_with_one_warning(tmp_path):
     env = {**os.environ, "CXX": "/bin/false", "NMFX_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+_FIRST_BUILD = """
+import sys, warnings, torch
+from nmfx.kernels import cpu
+from nmfx.pattern import nm_mask
+from nmfx.packed import pack_nm
+from nmfx.inference_ops import nm_linear_packed
+warnings.simplefilter("error")  # a build attempt (CXX=/bin/false) would warn
+w = torch.randn(16, 64)
+mask = nm_mask(w, "2:8")
+p = pack_nm(w, "2:8")
+assert mask.sum() == 16 * 16 and cpu._error is None, cpu._error
+print("after sparsify-time masks: loaded", cpu.loaded(), flush=True)
+warnings.simplefilter("default")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    nm_linear_packed(torch.randn(2, 64), p)
+print("after the first inference call: loaded", cpu.loaded(), "build warnings",
+      sum("could not build" in str(c.message) for c in caught))
+"""
+
+
+def test_masks_never_start_the_build_but_the_first_inference_call_does(tmp_path):
+    """With an empty cache, nm_mask (what sparsify and training steps call) uses plain torch and does
+    not compile the kernel (here CXX=/bin/false: an attempt would warn); the first nm_linear call does
+    try, once."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CXX": "/bin/false", "NMFX_CACHE_DIR": str(tmp_path / "empty")}
+    done = subprocess.run([sys.executable, "-c", _FIRST_BUILD], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "after sparsify-time masks: loaded False" in done.stdout
+    assert "after the first inference call: loaded False build warnings 1" in done.stdout, done.stdout
+    assert "compiling the C++ CPU kernels" in done.stderr and done.stderr.count("compiling the C++") == 1
+
+
+def test_masks_use_a_cached_kernel_without_building(cpu_kernel):
+    """With the library in the cache (built by this session), nm_mask loads it (verified, no compile)."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FIRST_BUILD], capture_output=True, text=True, env=dict(os.environ),
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "after sparsify-time masks: loaded True" in done.stdout
+    assert "compiling" not in done.stderr
 
 
 _ISA_ORDER = ["scalar", "avx2", "avx512", "avx512bf16"]

@@ -74,7 +74,7 @@ try:
 except ImportError:  # not POSIX: no build lock (installs stay atomic)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["available", "load", "isa", "nm_linear", "nm_mask", "build_error", "cache_dir"]
+__all__ = ["available", "load", "loaded", "cached", "isa", "nm_linear", "nm_mask", "build_error", "cache_dir"]
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("nm_linear_cpu.cpp", "nm_mask_cpu.cpp")]
 _ISA_FLAGS = {
@@ -94,6 +94,7 @@ _lock = threading.Lock()
 _module = None
 _error: Optional[str] = None
 _warned = False
+_probed = False  # load(build=False) looked for a cached library once
 
 
 def _cpu_flags() -> set:
@@ -423,6 +424,16 @@ def _library_name(target: str) -> tuple[str, list[str], list[str]]:
     return f"nmfx_nm_linear_cpu_{target}_{_build_key(cflags, ldflags)[:16]}", cflags, ldflags
 
 
+def _load_cached(target: str) -> Optional[tuple]:
+    """(the extension for ISA ``target``, its file) if a verified library for it is in the shared
+    cache, else None; never builds (an unverifiable file is left for the next build to replace)."""
+    name, _, _ = _library_name(target)
+    kdir, shared = _kernel_dir()
+    lib, record = kdir / f"{name}.so", kdir / f"{name}.json"
+    module = _load_verified(name, lib, record, say=False) if shared else None
+    return None if module is None else (module, lib)
+
+
 def _load_or_build(target: str) -> tuple:
     """(the extension for ISA ``target``, the library file it came from): a verified cached library, or
     a fresh build installed in the cache."""
@@ -440,17 +451,37 @@ def _load_or_build(target: str) -> tuple:
     return module, lib
 
 
-def load():
-    """Build (first time) and import the extension; None if that fails (warns once)."""
-    global _module, _error, _warned, _loaded_library
-    if _module is not None or _error is not None:
+def load(build: bool = True):
+    """The extension, building it first if needed (about a minute, once per machine); None if that
+    fails (warns once). With ``build=False`` a verified library already in the cache is loaded, but
+    nothing is compiled: None then means "not built yet" (looked up once per process), and a later
+    ``load()`` still builds. Loading the library also registers ``torch.ops.nmfx.nm_linear``'s C++ CPU
+    kernel."""
+    return _load(build)
+
+
+def cached() -> bool:
+    """True when the extension is loaded, or a verified library for it is in the cache (it is loaded
+    then); never compiles. For callers that should not start the minute-long build (``nm_mask``)."""
+    return _load(False) is not None
+
+
+def _load(build: bool):
+    global _module, _error, _warned, _loaded_library, _probed
+    if _module is not None or _error is not None or (not build and _probed):
         return _module
     with _lock:
-        if _module is not None or _error is not None:
+        if _module is not None or _error is not None or (not build and _probed):
             return _module
         try:
             _ensure_ninja_on_path()
-            _module, _loaded_library = _load_or_build(isa())
+            if build:
+                _module, _loaded_library = _load_or_build(isa())
+            else:
+                _probed = True
+                found = _load_cached(isa())
+                if found is not None:
+                    _module, _loaded_library = found
         except Exception as exc:  # no compiler, no ninja, a compile error...: fall back, loudly once
             _error = f"{type(exc).__name__}: {exc}"
             if not _warned:
@@ -462,6 +493,11 @@ def load():
                     stacklevel=2,
                 )
     return _module
+
+
+def loaded() -> bool:
+    """True when the extension is already loaded in this process (never builds or reads the cache)."""
+    return _module is not None
 
 
 def available() -> bool:
