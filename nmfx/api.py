@@ -1,44 +1,23 @@
-"""The public verbs: ``sparsify``, ``step``, ``masks``, ``graphs``."""
+"""The public verbs: ``sparsify`` (a short call into :mod:`nmfx.compile`) and ``step``; the readers
+``states``, ``masks``, ``graphs``, ``record`` are re-exported from :mod:`nmfx.accessors`."""
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from torch import Tensor, fx, nn
+from torch import nn
 
-from nmfx.layers import is_plain_linear
-from nmfx.meta import META_KEY, PrunableOp, annotated_nodes
+from nmfx.accessors import RECORD_ATTR, graphs, is_sparsified, masks, record, states
+from nmfx.compile import sparsify_model
 from nmfx.config import SparsifyConfig
 from nmfx.methods import Method
-from nmfx.passes.attention import tag_roles
-from nmfx.passes.find_prunable import find_prunable
-from nmfx.passes.pipeline import PassPipeline
-from nmfx.passes.policy import Policy, apply_policy
-from nmfx.passes.rewrite_masked import rewrite_masked
-from nmfx.passes.rewrite_modules import disable_fused_fast_path, rewrite_multihead_attention
 from nmfx.pattern import PatternLike
-from nmfx.report import ReportRow, SparsifyRecord, default_pattern
-from nmfx.state import (LEGACY_KEY, PRUNED_KEY, STATE_KEYS, STATE_SUFFIX, NMState, checkpoint_problems,
-                        dense_weight, normalize_checkpoint)
-from nmfx.tracing import ROOT_GRAPH_ATTR, analysis_graph, install_scope, rewrite_scopes
+from nmfx.report import SparsifyRecord
+from nmfx.state import (LEGACY_KEY, PRUNED_KEY, STATE_KEYS, STATE_SUFFIX, checkpoint_problems, dense_weight,
+                        normalize_checkpoint)
 
-__all__ = ["sparsify", "step", "masks", "graphs", "is_sparsified", "states"]
-
-_RECORD_ATTR = "_nmfx_record"
-
-#: Last module-name component -> role, used only when no graph says what an op is.
-_NAME_HINTS = {
-    "q_proj": "attn.q", "query": "attn.q", "q": "attn.q", "wq": "attn.q",
-    "k_proj": "attn.k", "key": "attn.k", "k": "attn.k", "wk": "attn.k",
-    "v_proj": "attn.v", "value": "attn.v", "v": "attn.v", "wv": "attn.v",
-    "o_proj": "attn.o", "out_proj": "attn.o", "o": "attn.o", "wo_attn": "attn.o",
-    "c_attn": "attn.qkv", "qkv": "attn.qkv", "in_proj": "attn.qkv",
-    "gate_proj": "mlp.gate", "up_proj": "mlp.up", "fc1": "mlp.up", "c_fc": "mlp.up", "wi": "mlp.up",
-    "down_proj": "mlp.down", "fc2": "mlp.down", "wo": "mlp.down",
-    "lm_head": "head", "classifier": "head", "head": "head", "score": "head",
-}
+__all__ = ["sparsify", "step", "masks", "graphs", "is_sparsified", "states", "record"]
 
 
 def sparsify(
@@ -90,56 +69,9 @@ def sparsify(
         warnings.warn("nmfx.sparsify: sdgf without total_steps moves to the next stage every 1,000 steps; "
                       "pass total_steps=<optimizer steps of your run> to spread the stages over it "
                       "(or stage_steps=...)", stacklevel=2)
-    policy = Policy.from_config(config, _tied_parameters(model))
-
-    analysis, frontend, note = analysis_graph(model, example_inputs)
-    graph_roles: dict[str, str] = {}
-    if analysis is not None and not is_plain_linear(model):  # a lone Linear is no model's head
-        find_prunable(analysis)
-        tag_roles(analysis, whole_model=True)
-        graph_roles = {node.meta[META_KEY].weight: node.meta[META_KEY].role for node in annotated_nodes(analysis.graph)}
-
-    def has_prunable(gm: fx.GraphModule, name: str) -> bool:
-        return bool(annotated_nodes(find_prunable(gm, prefix=name).graph))
-
-    scopes, untraced, attention_modules = rewrite_scopes(model, has_prunable)
-    pipeline = PassPipeline([
-        ("tag_roles", tag_roles),
-        ("adopt_roles", lambda gm: _adopt_roles(gm, graph_roles, frontend, whole_model=analysis is not None)),
-        ("policy", lambda gm: apply_policy(gm, policy)),
-        ("rewrite_masked", lambda gm: rewrite_masked(gm, None, method)),
-    ])
-    rows: list[ReportRow] = []
-    swapped: list[tuple[nn.Module, type]] = []
-    try:
-        to_install = []
-        for scope in scopes:
-            pipeline(scope.graph_module)
-            ops = [node.meta[META_KEY] for node in annotated_nodes(scope.graph_module.graph)]
-            if any(op.status == "sparsified" for op in ops):
-                to_install.append(scope)
-            rows += [ReportRow.from_op(op, config, f"{scope.frontend}({scope.name})") for op in ops]
-        for name, module in attention_modules:
-            swapped.append((module, type(module)))
-            ops = rewrite_multihead_attention(name, module, method, policy.choose)
-            rows += [ReportRow.from_op(op, config, "module") for op in ops]
-    except BaseException:
-        _roll_back(model, swapped)  # nothing was installed yet; remove the states added to shared children
-        raise
-    for scope in to_install:
-        install_scope(model, scope)
-    disable_fused_fast_path(model)
-    seen = {row.name for row in rows}
-    for module in untraced:
-        for param in module.parameters:
-            name = f"{module.name}.{param}" if module.name else param
-            if name in seen or (graph_roles and name not in graph_roles):
-                continue
-            rows.append(ReportRow(name=name, role=graph_roles.get(name, "other"), op=module.module_type,
-                                  shape=tuple(model.get_parameter(name).shape), pattern=default_pattern(config),
-                                  status="skip", reason=f"used directly in {module.module_type}.forward: "
-                                  f"{module.reason}", frontend="per-module"))
-    object.__setattr__(model, _RECORD_ATTR, SparsifyRecord(config, rows, frontend, note))
+    compiled = sparsify_model(model, config, example_inputs)
+    rows = compiled.rows
+    object.__setattr__(model, RECORD_ATTR, SparsifyRecord(config, rows, compiled.frontend, compiled.note))
     model.register_load_state_dict_pre_hook(_refuse_mismatched_checkpoint)
     if _is_transformers_model(model):
         from nmfx.integrations.hf import install_save_pretrained  # imports transformers: only for its models
@@ -159,37 +91,6 @@ def step(model: nn.Module) -> None:
         owner_name = name.rpartition(".")[0]
         owner = model.get_submodule(owner_name) if owner_name else model
         state.advance(owner.get_parameter(state.param_name))
-
-
-def states(model: nn.Module) -> dict[str, NMState]:
-    """``{weight qualified name: NMState}`` for every sparsified weight."""
-    return {path[: -len(STATE_SUFFIX)]: module for path, module in model.named_modules()
-            if isinstance(module, NMState)}
-
-
-def masks(model: nn.Module) -> dict[str, Tensor]:
-    """``{weight qualified name (as in the original model): current bool mask}``."""
-    return {name: state.mask for name, state in states(model).items()}
-
-
-def graphs(model: nn.Module) -> dict[str, fx.GraphModule]:
-    """``{module name: rewritten GraphModule}`` (print ``gm.code`` to read one); ``""`` is the root's own
-    forward when it was rewritten (the root keeps its object; its ``forward`` runs this graph's code)."""
-    found = {name: module for name, module in model.named_modules()
-             if isinstance(module, fx.GraphModule) and any(META_KEY in n.meta for n in module.graph.nodes)}
-    root = getattr(model, ROOT_GRAPH_ATTR, None)
-    return {"": root, **found} if root is not None and "" not in found else found
-
-
-def is_sparsified(model: nn.Module) -> bool:
-    return getattr(model, _RECORD_ATTR, None) is not None
-
-
-def record(model: nn.Module) -> SparsifyRecord:
-    found = getattr(model, _RECORD_ATTR, None)
-    if found is None:
-        raise ValueError(f"{type(model).__name__} has not been sparsified by nmfx (call nmfx.sparsify first)")
-    return found
 
 
 def _refuse_mismatched_checkpoint(module, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -248,39 +149,3 @@ def _nmfx_entries(state_dict, prefix: str, names) -> dict[str, dict[str, Any]]:
 def _is_transformers_model(model: nn.Module) -> bool:
     return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
                for cls in type(model).__mro__)
-
-
-def _adopt_roles(gm: fx.GraphModule, graph_roles: dict[str, str], frontend: str, whole_model: bool) -> fx.GraphModule:
-    """Prefer the whole-model graph's role; else the scope graph's; else a name hint."""
-    for node in annotated_nodes(gm.graph):
-        op: PrunableOp = node.meta[META_KEY]
-        if op.weight in graph_roles:
-            role, source = graph_roles[op.weight], f"graph ({frontend})"
-        elif op.role != "other":
-            role, source = op.role, "graph (scope)"
-        else:
-            hint = _NAME_HINTS.get(op.weight.rpartition(".")[0].rpartition(".")[2])
-            role, source = (hint, "name") if hint and (hint != "head" or not whole_model) else ("other", "")
-        node.meta[META_KEY] = dataclasses.replace(op, role=role, role_source=source)
-    return gm
-
-
-def _tied_parameters(model: nn.Module) -> dict[str, str]:
-    first_name: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        other = first_name.setdefault(id(param), name)
-        if other != name:
-            tied[name] = other
-            tied.setdefault(other, name)
-    return tied
-
-
-def _roll_back(model: nn.Module, swapped: list[tuple[nn.Module, type]]) -> None:
-    """Undo what a failed ``sparsify`` did to modules it shares with the model."""
-    for module, cls in swapped:
-        module.__class__ = cls
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, NMState):
-                delattr(module, child_name)

@@ -10,15 +10,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from nmfx.api import graphs, record, states
+from nmfx.accessors import graphs, record, states
+from nmfx.compile import lower_graph
 from nmfx.inference_ops import BACKENDS
 from nmfx.layers import MaskedLinear, NMLinear, is_conv1d
 from nmfx.meta import META_KEY, PrunableOp, annotated_nodes
 from nmfx.packed import MAX_PACKED_M
 from nmfx.pattern import nm_mask
-from nmfx.passes.lower_inference import SEMI_SUFFIX, lower_inference, lower_weight
+from nmfx.passes.lower_inference import SEMI_SUFFIX, lower_weight
 from nmfx.passes.rewrite_modules import MaskedMultiheadAttention
-from nmfx.passes.verify import verify
 from nmfx.state import NMState
 from nmfx.tracing import ROOT_GRAPH_ATTR, TRACED_FROM_KEY, sync_root
 
@@ -77,8 +77,7 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
     _warn_if_reference(target, backend)
     lowered: dict[str, PrunableOp] = {}
     for scope, gm in graphs(target).items():
-        lower_inference(gm, backend=backend, structure_only=_structure_only)
-        verify(gm)
+        lower_graph(gm, backend, _structure_only)
         if gm is getattr(target, ROOT_GRAPH_ATTR, None):
             sync_root(target)
         lowered.update((node.meta[META_KEY].weight, node.meta[META_KEY]) for node in annotated_nodes(gm.graph)

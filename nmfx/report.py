@@ -9,10 +9,12 @@ from typing import Optional, Sequence
 import networkx as nx
 from torch import fx, nn
 
+from nmfx.accessors import masks, record
 from nmfx.config import SparsifyConfig
 from nmfx.meta import META_KEY, PrunableOp
 from nmfx.methods import Method
 from nmfx.pattern import Pattern
+from nmfx.tracing import dead_hooks
 
 __all__ = ["ReportRow", "Report", "SparsifyRecord", "report", "to_networkx", "to_dot"]
 
@@ -102,9 +104,6 @@ def report(model: nn.Module) -> Report:
     considered; ``density`` is that of the current hard mask. ``print(report)`` gives a table, followed by
     ``report.notes``: one line per module holding hooks that can never run (registered after
     ``nmfx.sparsify`` on a module whose call a rewritten graph inlines)."""
-    from nmfx.api import masks, record  # local: api imports this module
-    from nmfx.tracing import dead_hooks
-
     found = record(model)
     current = masks(model)
     rows = []

@@ -64,6 +64,9 @@ class NMState(nn.Module):
         self.param_name = param_name
         self.pattern = pattern
         self.method = method
+        #: The schedule's mask patterns, in order, ending at ``pattern`` (resolved once).
+        self.stages = method.patterns(pattern)
+        self._schedule_at: Optional[tuple[int, ScheduleState]] = None  # (step, schedule) of the last read
         self.dim = dim % weight.dim()
         self.weight_shape = tuple(weight.shape)
         device = weight.device
@@ -80,8 +83,12 @@ class NMState(nn.Module):
     # -- schedule -------------------------------------------------------------------------------
     @property
     def schedule(self) -> ScheduleState:
-        """What the method prescribes at the current step."""
-        return self.method.state_at(int(self.step), self.pattern)
+        """What the method prescribes at the current step (computed once per step value)."""
+        step = int(self.step)
+        cached = getattr(self, "_schedule_at", None)
+        if cached is None or cached[0] != step:
+            cached = self._schedule_at = (step, self.method.state_at(step, self.pattern))
+        return cached[1]
 
     @property
     def exact_gradient(self) -> bool:

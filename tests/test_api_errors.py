@@ -369,9 +369,9 @@ def test_report_density_follows_schedule():
 # atomicity
 # ----------------------------------------------------------------------------------------------
 def test_failed_sparsify_leaves_model_untouched(monkeypatch):
-    import nmfx.api
+    import nmfx.compile
 
-    real = nmfx.api.rewrite_masked
+    real = nmfx.compile.rewrite_masked
     calls = []
 
     def flaky(gm, pattern, method):
@@ -380,7 +380,7 @@ def test_failed_sparsify_leaves_model_untouched(monkeypatch):
             raise RuntimeError("injected failure in the second scope")
         return real(gm, pattern, method)
 
-    monkeypatch.setattr(nmfx.api, "rewrite_masked", flaky)
+    monkeypatch.setattr(nmfx.compile, "rewrite_masked", flaky)
     torch.manual_seed(0)
     model = Outer()
     before, types = snapshot(model), {n: type(m) for n, m in model.named_modules()}

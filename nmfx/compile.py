@@ -1,0 +1,223 @@
+"""The nmfx compiler: every pipeline nmfx runs, in order, with what each pass needs and guarantees.
+
+A pass reads and writes the frozen annotation in ``node.meta["nmfx"]`` (:class:`nmfx.meta.PrunableOp`);
+``requires`` / ``ensures`` are the annotation statuses a graph's nodes may have before / after it, checked
+around every pass together with the graph invariants of :func:`nmfx.passes.verify.verify` (a failure
+names the pass and the passes that ran before it).
+
+**sparsify** (:func:`sparsify_model`, called by ``nmfx.sparsify``)
+
+1. *analysis*: the whole-model graph (``torch.export`` / ``symbolic_trace`` / none,
+   :func:`nmfx.tracing.analysis_graph`), annotated by ``find_prunable`` and ``tag_roles(whole_model=True)``;
+   only read, for roles (which Linear is the head).
+2. *scopes* (:func:`nmfx.tracing.rewrite_scopes`): the largest traceable submodules holding a prunable op
+   (``find_prunable`` annotates each candidate), a root ``nn.Linear``, the root's own forward, and the
+   ``nn.MultiheadAttention`` modules.
+3. :data:`SPARSIFY_PIPELINE` on every traced scope, in order:
+
+   ==================  ====================  =====================  ==========================================
+   pass                requires              ensures                does
+   ==================  ====================  =====================  ==========================================
+   tag_roles           candidate             candidate              attention roles from the scope graph
+   adopt_roles         candidate             candidate              whole-model role, else scope, else name
+   policy              candidate             sparsify, skip         include/exclude/head/tied/width; pattern
+   rewrite_masked      sparsify, skip        sparsified, skip       ``masked_linear`` over mask state
+   ==================  ====================  =====================  ==========================================
+
+   then ``verify(rewritten=True)``. ``nn.MultiheadAttention`` (no traceable linear op) gets the same policy
+   decision per projection weight (``rewrite_multihead_attention``).
+4. *install* (:func:`nmfx.tracing.install_scope`), only once every scope compiled: graphs replace their
+   submodules, rewritten ``nn.Linear`` calls become ``MaskedLinear`` calls, the root's forward is swapped.
+
+**to_inference / load** (:func:`lower_graph`, called by ``nmfx.to_inference``; ``nmfx.load`` runs
+``sparsify`` + a structure-only ``to_inference`` on a staging copy): :data:`LOWER_PIPELINE` on every
+rewritten graph:
+
+   ==================  ====================  =====================  ==========================================
+   lower_inference     sparsified, skip      packed, skip           ``nm_linear`` over packed buffers
+   ==================  ====================  =====================  ==========================================
+
+then ``verify``; lone ``MaskedLinear`` layers are lowered by ``lower_weight`` (same packing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from torch import fx, nn
+
+from nmfx.config import SparsifyConfig
+from nmfx.layers import is_plain_linear
+from nmfx.meta import META_KEY, annotated_nodes
+from nmfx.passes.attention import tag_roles
+from nmfx.passes.find_prunable import find_prunable
+from nmfx.passes.lower_inference import lower_inference
+from nmfx.passes.pipeline import PassFailure, RequestError
+from nmfx.passes.policy import Policy, apply_policy
+from nmfx.passes.rewrite_masked import rewrite_masked
+from nmfx.passes.rewrite_modules import disable_fused_fast_path, rewrite_multihead_attention
+from nmfx.passes.roles import adopt_roles
+from nmfx.passes.verify import verify
+from nmfx.report import ReportRow, default_pattern
+from nmfx.state import NMState
+from nmfx.tracing import analysis_graph, install_scope, rewrite_scopes
+
+__all__ = ["Pass", "SPARSIFY_PIPELINE", "LOWER_PIPELINE", "Context", "run_pipeline", "sparsify_model",
+           "lower_graph", "Compiled"]
+
+
+@dataclass
+class Context:
+    """What the passes of a pipeline read besides the graph."""
+
+    config: Optional[SparsifyConfig] = None
+    policy: Optional[Policy] = None
+    graph_roles: dict[str, str] = field(default_factory=dict)  # weight -> role, from the whole-model graph
+    frontend: str = ""
+    whole_model: bool = False
+    backend: str = "auto"
+    structure_only: bool = False
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One graph pass: ``run(gm, context)`` changes ``gm`` in place; the statuses of its annotations must be
+    in ``requires`` before and in ``ensures`` after."""
+
+    name: str
+    run: Callable[[fx.GraphModule, Context], Any]
+    requires: frozenset[str]
+    ensures: frozenset[str]
+
+
+def _statuses(*names: str) -> frozenset[str]:
+    return frozenset(names)
+
+
+SPARSIFY_PIPELINE: tuple[Pass, ...] = (
+    Pass("tag_roles", lambda gm, ctx: tag_roles(gm), _statuses("candidate"), _statuses("candidate")),
+    Pass("adopt_roles", lambda gm, ctx: adopt_roles(gm, ctx.graph_roles, ctx.frontend, ctx.whole_model),
+         _statuses("candidate"), _statuses("candidate")),
+    Pass("policy", lambda gm, ctx: apply_policy(gm, ctx.policy), _statuses("candidate"), _statuses("sparsify", "skip")),
+    Pass("rewrite_masked", lambda gm, ctx: rewrite_masked(gm, None, ctx.config.method),
+         _statuses("sparsify", "skip"), _statuses("sparsified", "skip")),
+)
+
+LOWER_PIPELINE: tuple[Pass, ...] = (
+    Pass("lower_inference", lambda gm, ctx: lower_inference(gm, backend=ctx.backend, structure_only=ctx.structure_only),
+         _statuses("sparsified", "skip"), _statuses("packed", "skip")),
+)
+
+
+def run_pipeline(passes: tuple[Pass, ...], gm: fx.GraphModule, context: Context) -> fx.GraphModule:
+    """Run ``passes`` on ``gm`` in order, checking each one's requires/ensures and the graph invariants;
+    then ``verify(rewritten=True)``. Raises :class:`PassFailure` naming the pass (a
+    :class:`RequestError`, something the user asked for that cannot be done, passes through)."""
+    ran: list[str] = []
+    for graph_pass in passes:
+        try:
+            _check_statuses(gm, graph_pass.requires, "requires")
+            graph_pass.run(gm, context)
+            verify(gm)
+            _check_statuses(gm, graph_pass.ensures, "ensures")
+        except RequestError:
+            raise
+        except Exception as error:
+            raise PassFailure(f"pass {graph_pass.name!r} failed on {type(gm).__name__}: {error} "
+                              f"(passes run before it: {', '.join(ran) or 'none'})") from error
+        ran.append(graph_pass.name)
+    verify(gm, rewritten=True)
+    return gm
+
+
+def _check_statuses(gm: fx.GraphModule, allowed: frozenset[str], which: str) -> None:
+    for node in annotated_nodes(gm.graph):
+        op = node.meta[META_KEY]
+        if op.status not in allowed:
+            raise AssertionError(f"{op.weight}: status {op.status!r}, but the pass {which} {sorted(allowed)}")
+
+
+@dataclass
+class Compiled:
+    """The outcome of :func:`sparsify_model`: the report rows and the analysis frontend / note."""
+
+    rows: list[ReportRow]
+    frontend: str
+    note: str
+
+
+def sparsify_model(model: nn.Module, config: SparsifyConfig, example_inputs: Any = None) -> Compiled:
+    """Run the sparsify pipeline on every scope of ``model`` and install the result (see the module
+    docstring). On any failure before install the model is left as it was."""
+    context = Context(config=config, policy=Policy.from_config(config, _tied_parameters(model)))
+    analysis, context.frontend, note = analysis_graph(model, example_inputs)
+    context.whole_model = analysis is not None
+    if analysis is not None and not is_plain_linear(model):  # a lone Linear is no model's head
+        find_prunable(analysis)
+        tag_roles(analysis, whole_model=True)
+        context.graph_roles = {node.meta[META_KEY].weight: node.meta[META_KEY].role
+                               for node in annotated_nodes(analysis.graph)}
+
+    def has_prunable(gm: fx.GraphModule, name: str) -> bool:
+        return bool(annotated_nodes(find_prunable(gm, prefix=name).graph))
+
+    scopes, untraced, attention_modules = rewrite_scopes(model, has_prunable)
+    rows: list[ReportRow] = []
+    swapped: list[tuple[nn.Module, type]] = []
+    try:
+        to_install = []
+        for scope in scopes:
+            run_pipeline(SPARSIFY_PIPELINE, scope.graph_module, context)
+            ops = [node.meta[META_KEY] for node in annotated_nodes(scope.graph_module.graph)]
+            if any(op.status == "sparsified" for op in ops):
+                to_install.append(scope)
+            rows += [ReportRow.from_op(op, config, f"{scope.frontend}({scope.name})") for op in ops]
+        for name, module in attention_modules:
+            swapped.append((module, type(module)))
+            ops = rewrite_multihead_attention(name, module, config.method, context.policy.choose)
+            rows += [ReportRow.from_op(op, config, "module") for op in ops]
+    except BaseException:
+        _roll_back(model, swapped)  # nothing was installed yet; remove the states added to shared children
+        raise
+    for scope in to_install:
+        install_scope(model, scope)
+    disable_fused_fast_path(model)
+    seen = {row.name for row in rows}
+    for module in untraced:
+        for param in module.parameters:
+            name = f"{module.name}.{param}" if module.name else param
+            if name in seen or (context.graph_roles and name not in context.graph_roles):
+                continue
+            rows.append(ReportRow(name=name, role=context.graph_roles.get(name, "other"), op=module.module_type,
+                                  shape=tuple(model.get_parameter(name).shape), pattern=default_pattern(config),
+                                  status="skip", reason=f"used directly in {module.module_type}.forward: "
+                                  f"{module.reason}", frontend="per-module"))
+    return Compiled(rows, context.frontend, note)
+
+
+def lower_graph(gm: fx.GraphModule, backend: str, structure_only: bool = False) -> fx.GraphModule:
+    """Run :data:`LOWER_PIPELINE` on one rewritten graph."""
+    return run_pipeline(LOWER_PIPELINE, gm, Context(backend=backend, structure_only=structure_only))
+
+
+def _tied_parameters(model: nn.Module) -> dict[str, str]:
+    first_name: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        other = first_name.setdefault(id(param), name)
+        if other != name:
+            tied[name] = other
+            tied.setdefault(other, name)
+    return tied
+
+
+def _roll_back(model: nn.Module, swapped: list[tuple[nn.Module, type]]) -> None:
+    """Undo what a failed compile did to modules it shares with the model (MHA class swaps, states added
+    to the submodules that traced graphs share with it)."""
+    for module, cls in swapped:
+        module.__class__ = cls
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, NMState):
+                delattr(module, child_name)
