@@ -1,0 +1,84 @@
+"""passes/pipeline.py: PassPipeline runs passes in order and names the one that broke an invariant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx
+
+from nmfx.methods import resolve_method
+from nmfx.passes.attention import tag_roles
+from nmfx.passes.find_prunable import find_prunable
+from nmfx.passes.pipeline import PassFailure, PassPipeline
+from nmfx.passes.policy import Policy, apply_policy
+from nmfx.passes.rewrite_masked import rewrite_masked
+from nmfx.passes.verify import InvariantError
+from nmfx.pattern import Pattern
+from tests.passes_common import (roles, masked_nodes, masked_reference, PlainMLP, Block)
+
+# ----------------------------------------------------------------------------------------------
+# PassPipeline
+# ----------------------------------------------------------------------------------------------
+class TestPassPipeline:
+    def test_runs_in_order_and_checks_after_each(self):
+        calls = []
+
+        def make(name):
+            def graph_pass(gm):
+                calls.append(name)
+                return gm
+            return graph_pass
+
+        checked = []
+        pipeline = PassPipeline([("a", make("a")), ("b", make("b"))], check=lambda gm: checked.append(len(calls)))
+        gm = fx.symbolic_trace(PlainMLP())
+        assert pipeline(gm) is gm
+        assert calls == ["a", "b"] and checked == [1, 2]
+
+    def test_failure_names_pass_and_passes_before(self):
+        def boom(gm):
+            raise RuntimeError("kaboom")
+
+        pipeline = PassPipeline([("find", find_prunable), ("roles", tag_roles), ("explode", boom),
+                                 ("never", lambda gm: pytest.fail("ran after a failure"))])
+        with pytest.raises(PassFailure) as info:
+            pipeline(fx.symbolic_trace(PlainMLP()))
+        message = str(info.value)
+        assert "'explode'" in message and "kaboom" in message
+        assert "find, roles" in message
+        assert "never" not in message
+        assert isinstance(info.value.__cause__, RuntimeError)
+
+    @pytest.mark.filterwarnings("ignore:Attempted to insert a get_attr")
+    def test_invariant_broken_by_a_pass_is_caught(self):
+        def dangling(gm):
+            first = next(iter(gm.graph.nodes))
+            with gm.graph.inserting_after(first):
+                gm.graph.get_attr("ghost")
+            return gm
+
+        pipeline = PassPipeline([("find", find_prunable), ("breaks", dangling)])
+        with pytest.raises(PassFailure, match=r"'breaks'.*ghost.*passes run before it: find") as info:
+            pipeline(fx.symbolic_trace(PlainMLP()))
+        assert isinstance(info.value.__cause__, InvariantError)
+
+    def test_first_pass_failure_says_none_before(self):
+        pipeline = PassPipeline([("first", lambda gm: 1 / 0)])
+        with pytest.raises(PassFailure, match=r"'first'.*passes run before it: none"):
+            pipeline(fx.symbolic_trace(PlainMLP()))
+
+    def test_full_pipeline_end_to_end(self):
+        torch.manual_seed(0)
+        module = Block()
+        pattern, method = Pattern(1, 4), resolve_method("ste")
+        pipeline = PassPipeline([
+            ("find_prunable", find_prunable),
+            ("tag_roles", lambda gm: tag_roles(gm, whole_model=True)),
+            ("policy", lambda gm: apply_policy(gm, Policy(pattern, method))),
+            ("rewrite_masked", lambda gm: rewrite_masked(gm, pattern, method)),
+        ])
+        gm = pipeline(fx.symbolic_trace(module))
+        assert len(masked_nodes(gm)) == 4  # the head is skipped
+        ref = masked_reference(module, gm)
+        x = torch.randn(2, 3, 8)
+        assert torch.equal(gm(x), ref(x))
