@@ -1,4 +1,5 @@
-"""Invariant checks for rewritten graphs, run after every pass of the pipeline (and in tests).
+"""Invariant checks for rewritten graphs, run by :func:`nmfx.compile.run_pipeline` after every pass of the
+sparsify and lowering pipelines (and with ``rewritten=True`` once a pipeline ends).
 
 * ``graph.lint()`` passes;
 * every ``get_attr`` resolves to an attribute of the graph's module (no dangling weight or mask);

@@ -235,3 +235,11 @@ def test_hf_save_and_from_pretrained_per_layer(tmp_path):
         assert torch.equal(restored(ids).logits, model(ids).logits)
     finally:
         transformers.logging.set_verbosity_warning()
+
+
+def test_to_dense_per_layer():
+    model = _train(nmfx.sparsify(_model(), MAPPING, "ste"), 2)
+    dense = nmfx.to_dense(model, into=Block())
+    assert type(dense.attn) is nn.Linear and torch.equal(dense(X), model(X))
+    inference = nmfx.to_inference(model, backend="reference")
+    assert torch.equal(nmfx.to_dense(inference, into=Block())(X), inference(X))
