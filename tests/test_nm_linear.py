@@ -144,6 +144,28 @@ def test_kernel_matches_reference(cpu_kernel, pattern, dtype, batch, inp_groups,
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    pattern=st.sampled_from(["2:4", "1:2", "1:4", "2:8", "1:8", "1:16", "3:8", "1:32"]),
+    dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+    batch=st.sampled_from([1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 32, 33, 64, 65]),
+    out=st.sampled_from([5, 16, 37]),
+    packed_bits=st.booleans(),
+    seed=st.integers(0, 10**6),
+)
+def test_batch_dispatch_thresholds(cpu_kernel, pattern, dtype, batch, out, packed_bits, seed):
+    """Batch sizes on both sides of every GEMV / batched-path threshold (fp32 2 and 4; bf16 2, 4, 8, 16;
+    batch tiles 16 / 32 / 64): the auto pick, both forced paths and the op agree with the reference."""
+    p, packed, x, b = _case(pattern, dtype, (batch,), 5, out, seed, True)
+    bits, idx = (packed.index_bits, packed.indices) if packed_bits else (8, packed.positions())
+    ref = nm_linear_reference(x, packed.values, idx, b, p.n, p.m, bits)
+    _assert_matches_fp64(ref, x, packed, b)
+    auto = cpu_kernel.nm_linear(x, packed.values, idx, b, p.n, p.m, bits, 0)
+    assert torch.equal(auto, torch.ops.nmfx.nm_linear(x, packed.values, idx, b, p.n, p.m, bits, "auto"))
+    for path in (0, 1, 2):
+        _assert_matches_fp64(cpu_kernel.nm_linear(x, packed.values, idx, b, p.n, p.m, bits, path), x, packed, b)
+
+
 @pytest.mark.parametrize("pattern", ["1:8", "2:4", "1:16", "2:8", "1:32", "2:6"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 3, 17, 40])

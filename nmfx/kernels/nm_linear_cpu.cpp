@@ -56,7 +56,8 @@
 //    bf16 dot product 0.12 ms hot, 0.2-0.38 ms cold (4.75 MB of weights; 0.5 ms before, widening).
 //  * B = 2..16, fp32 (one 16-lane tile, 8 rows x 1 zmm): ~0.8 ms, flat in B: bound by per-kept-value
 //    work (offset load, broadcast, address, 1 FMA; plus 1/16 of a decode) rather than by FMAs.
-//    bf16: GEMV to B = 4 (0.39 ms), 16-lane pairs beyond (~0.6 ms at 8-16).
+//    bf16: the dot-product GEMV costs ~0.085 ms per batch row at 1:8 (1 thread), the 16-lane pairs
+//    path ~0.86 ms flat for B = 2..16, so GEMV up to B = 8 (it was 4): see gemv_max_batch.
 //  * B >= 32, fp32 (tiles of 64 lanes, 4 rows x 4 zmm): ~36-40 GFLOP/s per core of useful FMAs: bound
 //    by L1 refills from L2 -- each broadcast-FMA needs a fresh 64-byte line of xT (kept columns are
 //    scattered), and Zen 4 sustains about half a line per cycle from L2. Tried and reverted:
@@ -878,7 +879,10 @@ class ValidIndices {
 template <typename T>
 static int64_t gemv_max_batch(const Problem& P) {
 #if defined(NMFX_AVX512BF16)
-  if (std::is_same<T, c10::BFloat16>::value && bf16dp_applies(P)) return 16 / permute_windows(P.n, P.m);
+  // bf16 GEMV cost per batch row grows with the windows W per 32 kept values, the batched path's is
+  // flat to B = 16: measured crossovers (AMD EPYC, avx512_bf16, 4096^2, 1 thread) at B ~ 10 for 1:8 (W = 4), ~ 5 for
+  // 1:16 (W = 8), ~ 20 for 2:8 and 1:4 (W = 2), ~ 15 for 2:4 (W = 1), hence 32 / W capped at 16.
+  if (std::is_same<T, c10::BFloat16>::value && bf16dp_applies(P)) return std::min(16, 32 / permute_windows(P.n, P.m));
 #endif
 #if defined(NMFX_AVX512)
   if (const int w = permute_windows(P.n, P.m)) return w == 1 ? 4 : 2;
