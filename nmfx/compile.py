@@ -26,8 +26,11 @@ names the pass and the passes that ran before it).
 
    then ``verify(rewritten=True)``. ``nn.MultiheadAttention`` (no traceable linear op) gets the same policy
    decision per projection weight (``rewrite_multihead_attention``).
-4. *install* (:func:`nmfx.tracing.install_scope`), only once every scope compiled: graphs replace their
-   submodules, rewritten ``nn.Linear`` calls become ``MaskedLinear`` calls, the root's forward is swapped.
+4. *install*, only once every scope compiled (the passes wrote only their graphs and the plans in
+   ``gm.meta`` / ``node.meta``, so a failure before this leaves the model untouched):
+   :func:`nmfx.tracing.install_scope` moves each planned state onto the module owning its weight, replaces
+   submodules by their graphs, turns rewritten ``nn.Linear`` calls into ``MaskedLinear`` calls and swaps the
+   root's forward; ``install_multihead_attention`` attaches the MHA states and swaps their class.
 
 **to_inference / load** (:func:`lower_graph`, called by ``nmfx.to_inference``; ``nmfx.load`` runs
 ``sparsify`` + a structure-only ``to_inference`` on a staging copy): :data:`LOWER_PIPELINE` on every
@@ -56,11 +59,11 @@ from nmfx.passes.lower_inference import lower_inference
 from nmfx.passes.pipeline import PassFailure, RequestError
 from nmfx.passes.policy import Policy, apply_policy
 from nmfx.passes.rewrite_masked import rewrite_masked
-from nmfx.passes.rewrite_modules import disable_fused_fast_path, rewrite_multihead_attention
+from nmfx.passes.rewrite_modules import (disable_fused_fast_path, install_multihead_attention,
+                                        rewrite_multihead_attention)
 from nmfx.passes.roles import adopt_roles
 from nmfx.passes.verify import verify
 from nmfx.report import ReportRow, default_pattern
-from nmfx.state import NMState
 from nmfx.tracing import analysis_graph, install_scope, rewrite_scopes
 
 __all__ = ["Pass", "SPARSIFY_PIPELINE", "LOWER_PIPELINE", "Context", "run_pipeline", "sparsify_model",
@@ -149,7 +152,8 @@ class Compiled:
 
 def sparsify_model(model: nn.Module, config: SparsifyConfig, example_inputs: Any = None) -> Compiled:
     """Run the sparsify pipeline on every scope of ``model`` and install the result (see the module
-    docstring). On any failure before install the model is left as it was."""
+    docstring). The passes change only their own graphs, so a failure leaves the model as it was
+    (nothing to roll back)."""
     context = Context(config=config, policy=Policy.from_config(config, _tied_parameters(model)))
     analysis, context.frontend, note = analysis_graph(model, example_inputs)
     context.whole_model = analysis is not None
@@ -164,24 +168,21 @@ def sparsify_model(model: nn.Module, config: SparsifyConfig, example_inputs: Any
 
     scopes, untraced, attention_modules = rewrite_scopes(model, has_prunable)
     rows: list[ReportRow] = []
-    swapped: list[tuple[nn.Module, type]] = []
-    try:
-        to_install = []
-        for scope in scopes:
-            run_pipeline(SPARSIFY_PIPELINE, scope.graph_module, context)
-            ops = [node.meta[META_KEY] for node in annotated_nodes(scope.graph_module.graph)]
-            if any(op.status == "sparsified" for op in ops):
-                to_install.append(scope)
-            rows += [ReportRow.from_op(op, config, f"{scope.frontend}({scope.name})") for op in ops]
-        for name, module in attention_modules:
-            swapped.append((module, type(module)))
-            ops = rewrite_multihead_attention(name, module, config.method, context.policy.choose)
-            rows += [ReportRow.from_op(op, config, "module") for op in ops]
-    except BaseException:
-        _roll_back(model, swapped)  # nothing was installed yet; remove the states added to shared children
-        raise
-    for scope in to_install:
+    to_install, attention_plans = [], []
+    for scope in scopes:  # compile everything first: the passes change only their graphs
+        run_pipeline(SPARSIFY_PIPELINE, scope.graph_module, context)
+        ops = [node.meta[META_KEY] for node in annotated_nodes(scope.graph_module.graph)]
+        if any(op.status == "sparsified" for op in ops):
+            to_install.append(scope)
+        rows += [ReportRow.from_op(op, config, f"{scope.frontend}({scope.name})") for op in ops]
+    for name, module in attention_modules:
+        ops, planned = rewrite_multihead_attention(name, module, config.method, context.policy.choose)
+        attention_plans.append((module, planned))
+        rows += [ReportRow.from_op(op, config, "module") for op in ops]
+    for scope in to_install:  # then install, which cannot fail on user input
         install_scope(model, scope)
+    for module, planned in attention_plans:
+        install_multihead_attention(module, planned)
     disable_fused_fast_path(model)
     seen = {row.name for row in rows}
     for module in untraced:
@@ -210,14 +211,3 @@ def _tied_parameters(model: nn.Module) -> dict[str, str]:
             tied[name] = other
             tied.setdefault(other, name)
     return tied
-
-
-def _roll_back(model: nn.Module, swapped: list[tuple[nn.Module, type]]) -> None:
-    """Undo what a failed compile did to modules it shares with the model (MHA class swaps, states added
-    to the submodules that traced graphs share with it)."""
-    for module, cls in swapped:
-        module.__class__ = cls
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, NMState):
-                delattr(module, child_name)

@@ -42,7 +42,7 @@ from torch import fx, nn
 
 from nmfx.layers import MaskedLinear, is_plain_linear
 from nmfx.meta import META_KEY, annotated_nodes
-from nmfx.passes.rewrite_masked import keep_module_calls
+from nmfx.passes.rewrite_masked import install_states, keep_module_calls
 from nmfx.passes.verify import OPAQUE_CALLS_KEY
 from nmfx.state import NMState
 
@@ -224,12 +224,14 @@ def _keep_own_ops(gm: fx.GraphModule) -> bool:
 
 
 def install_scope(model: nn.Module, scope: Scope) -> None:
-    """Apply a rewritten scope to the model: a plain ``nn.Linear`` traced alone keeps its object (its class
+    """Apply a rewritten scope to the model: its planned states move onto the modules owning the weights
+    (``rewrite_masked.install_states``); a plain ``nn.Linear`` traced alone keeps its object (its class
     becomes :class:`~nmfx.layers.MaskedLinear` and it takes the graph's mask state); any other scope's
     graph module replaces the submodule it was traced from, with the ``nn.Linear`` calls it rewrote kept
     as calls of those (class-swapped) modules. Modules whose calls the graph inlines, and the replaced
     object, warn when a hook is registered on them later."""
     gm = scope.graph_module
+    install_states(gm)
     if scope.name == "" and not is_plain_linear(model):
         _install_root(model, gm)
         return

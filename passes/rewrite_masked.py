@@ -1,12 +1,16 @@
 """Rewrite pass: replace each op the policy chose with ``nmfx.ops.masked_linear`` over a mask buffer.
 
-For a weight at ``<owner>.<param>`` the pass registers an :class:`nmfx.state.NMState` child
-``<owner>.<param>_nm`` (mask + schedule buffers; one per weight, shared by every node that uses it)
-and replaces the op node by::
+For a weight at ``<owner>.<param>`` the pass creates an :class:`nmfx.state.NMState` (mask + schedule
+buffers; one per weight, shared by every node that uses it) as a child of the graph module itself, under a
+flat name (``nmfx_state__<owner>__<param>``), and replaces the op node by::
 
-    masked_linear(x, <owner>.<param>, <owner>.<param>_nm.mask, bias,
-                  <owner>.<param>_nm.alpha, <owner>.<param>_nm.srste_lambda | None,
-                  exact_gradient=..., transposed=...)
+    masked_linear(x, <owner>.<param>, nmfx_state__<owner>__<param>.mask, bias,
+                  <...>.alpha, <...>.srste_lambda | None, exact_gradient=..., transposed=...)
+
+So the pass changes nothing but ``gm`` (the submodules it shares with the user's model are untouched) and
+the rewritten graph runs as it is. ``gm.meta["nmfx_states"]`` is the plan ``{flat name: (owner path,
+"<param>_nm")}`` that :func:`install_states` (the install step, run by ``nmfx.sparsify`` once every scope
+compiled) applies: each state moves to ``<owner>.<param>_nm``, where checkpoints name it.
 
 The replacement carries the original node's ``meta`` with the annotation's status set to
 ``"sparsified"``. With ``method="dense"`` or an ``M:M`` pattern the rewritten graph computes exactly
@@ -33,10 +37,13 @@ from nmfx.ops import masked_linear
 from nmfx.pattern import Pattern
 from nmfx.state import STATE_SUFFIX, NMState
 
-__all__ = ["rewrite_masked", "keep_module_calls", "MODULE_CALL_KEY"]
+__all__ = ["rewrite_masked", "install_states", "keep_module_calls", "MODULE_CALL_KEY", "STATES_PLAN_KEY"]
 
 #: ``node.meta`` key of a masked node that replaced a ``call_module`` of a plain ``nn.Linear``.
 MODULE_CALL_KEY = "nmfx_module_call"
+#: ``GraphModule.meta`` key of the states plan: ``{flat child name: (owner path, state name)}``.
+STATES_PLAN_KEY = "nmfx_states"
+_FLAT_PREFIX = "nmfx_state__"
 
 
 def rewrite_masked(gm: fx.GraphModule, pattern: Optional[Pattern], method: Method) -> fx.GraphModule:
@@ -100,14 +107,38 @@ def keep_module_calls(gm: fx.GraphModule) -> list[str]:
 
 
 def _ensure_state(gm: fx.GraphModule, op: PrunableOp, pattern: Pattern, method: Method) -> tuple[str, NMState]:
-    """(path, state) of the weight's NMState, created on first use (one per weight)."""
+    """(flat name, state) of the weight's NMState, created on ``gm`` on first use (one per weight)."""
     owner_path, _, param_name = op.target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    state_name = param_name + STATE_SUFFIX
-    if not isinstance(getattr(owner, state_name, None), NMState):
-        weight = owner.get_parameter(param_name)
-        owner.add_module(state_name, NMState(param_name, weight, pattern, method, dim=op.group_dim))
-    return (f"{owner_path}.{state_name}" if owner_path else state_name), getattr(owner, state_name)
+    flat = _FLAT_PREFIX + op.target.replace(".", "__")
+    if not isinstance(getattr(gm, flat, None), NMState):
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if isinstance(getattr(owner, param_name + STATE_SUFFIX, None), NMState):
+            raise ValueError(f"{op.weight} already has nmfx state; it is sparsified once")
+        gm.add_module(flat, NMState(param_name, owner.get_parameter(param_name), pattern, method, dim=op.group_dim))
+        gm.meta.setdefault(STATES_PLAN_KEY, {})[flat] = (owner_path, param_name + STATE_SUFFIX)
+    return flat, getattr(gm, flat)
+
+
+def install_states(gm: fx.GraphModule) -> list[str]:
+    """Install step: move every state :func:`rewrite_masked` planned onto the module that owns its weight
+    (``<owner>.<param>_nm``, the name checkpoints use) and point the graph there. Returns the state paths."""
+    plan = gm.meta.pop(STATES_PLAN_KEY, {})
+    if not plan:
+        return []
+    moved = {}
+    for flat, (owner_path, state_name) in plan.items():
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        owner.add_module(state_name, getattr(gm, flat))
+        delattr(gm, flat)
+        moved[flat] = f"{owner_path}.{state_name}" if owner_path else state_name
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            head, dot, rest = node.target.partition(".")
+            if head in moved:
+                node.target = moved[head] + dot + rest
+    gm.graph.lint()
+    gm.recompile()
+    return list(moved.values())
 
 
 def _operands(gm: fx.GraphModule, node: fx.Node, op: PrunableOp):

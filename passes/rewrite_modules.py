@@ -23,7 +23,7 @@ from nmfx.pattern import Pattern
 from nmfx.state import STATE_SUFFIX, NMState
 
 __all__ = ["MaskedMultiheadAttention", "multihead_attention_ops", "rewrite_multihead_attention",
-           "disable_fused_fast_path"]
+           "install_multihead_attention", "disable_fused_fast_path"]
 
 
 class MaskedMultiheadAttention(nn.MultiheadAttention):
@@ -74,19 +74,27 @@ def multihead_attention_ops(name: str, module: nn.MultiheadAttention) -> list[tu
 
 
 def rewrite_multihead_attention(name: str, module: nn.MultiheadAttention, method: Method,
-                                choose: Callable[[PrunableOp], tuple[str, str, Optional[Pattern]]]) -> list[PrunableOp]:
-    """Decide each projection weight (``choose``: the policy's status, reason and pattern), attach state to
-    the chosen ones and swap the class if any was."""
-    ops = []
+                                choose: Callable[[PrunableOp], tuple[str, str, Optional[Pattern]]]
+                                ) -> tuple[list[PrunableOp], list[tuple[nn.Module, str, NMState]]]:
+    """Decide each projection weight (``choose``: the policy's status, reason and pattern) and make the
+    states of the chosen ones; changes nothing. Returns the annotations and the plan for
+    :func:`install_multihead_attention`: (owner module, parameter name, state) per chosen weight."""
+    ops, planned = [], []
     for owner, param, op in multihead_attention_ops(name, module):
         status, reason, pattern = choose(op)
         if status == "sparsify":
-            owner.add_module(param + STATE_SUFFIX, NMState(param, getattr(owner, param), pattern, method, dim=1))
+            planned.append((owner, param, NMState(param, getattr(owner, param), pattern, method, dim=1)))
             status = "sparsified"
         ops.append(dataclasses.replace(op, status=status, reason=reason, pattern=pattern))
-    if any(op.status == "sparsified" for op in ops):
+    return ops, planned
+
+
+def install_multihead_attention(module: nn.MultiheadAttention, planned: list[tuple[nn.Module, str, NMState]]) -> None:
+    """Install step: attach the planned states and swap the class if any weight was chosen."""
+    for owner, param, state in planned:
+        owner.add_module(param + STATE_SUFFIX, state)
+    if planned:
         module.__class__ = MaskedMultiheadAttention
-    return ops
 
 
 def disable_fused_fast_path(model: nn.Module) -> None:

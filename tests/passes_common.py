@@ -17,7 +17,7 @@ from nmfx.ops import masked_linear
 from nmfx.passes.attention import tag_roles
 from nmfx.passes.find_prunable import find_prunable
 from nmfx.passes.policy import Policy, apply_policy
-from nmfx.passes.rewrite_masked import rewrite_masked
+from nmfx.passes.rewrite_masked import install_states, rewrite_masked
 from nmfx.pattern import Pattern
 
 # ----------------------------------------------------------------------------------------------
@@ -52,7 +52,9 @@ def rewrite(module: nn.Module, pattern="2:4", method="ste", **policy_kwargs) -> 
     method = resolve_method(method)
     gm = tag_roles(traced(module), whole_model=False)
     apply_policy(gm, Policy(pattern, method, **policy_kwargs))
-    return rewrite_masked(gm, pattern, method)
+    rewrite_masked(gm, pattern, method)
+    install_states(gm)  # the install step: states move to <owner>.<param>_nm
+    return gm
 
 
 def masked_nodes(gm: fx.GraphModule) -> list[fx.Node]:

@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import fx
 
+import nmfx
 from nmfx.methods import resolve_method
 from nmfx.passes.attention import tag_roles
 from nmfx.passes.find_prunable import find_prunable
 from nmfx.passes.pipeline import PassFailure, PassPipeline
 from nmfx.passes.policy import Policy, apply_policy
-from nmfx.passes.rewrite_masked import rewrite_masked
+from nmfx.passes.rewrite_masked import install_states, rewrite_masked
 from nmfx.passes.verify import InvariantError
 from nmfx.pattern import Pattern
 from tests.passes_common import (roles, masked_nodes, masked_reference, PlainMLP, Block)
@@ -78,6 +79,9 @@ class TestPassPipeline:
             ("rewrite_masked", lambda gm: rewrite_masked(gm, pattern, method)),
         ])
         gm = pipeline(fx.symbolic_trace(module))
+        assert nmfx.states(module) == {}  # the pass put its states on gm (planned), not on the shared modules
+        installed = install_states(gm)  # the install step: states move to <owner>.<param>_nm
+        assert len(installed) == 4 and sorted(installed) == sorted(name + "_nm" for name in nmfx.states(gm))
         assert len(masked_nodes(gm)) == 4  # the head is skipped
         ref = masked_reference(module, gm)
         x = torch.randn(2, 3, 8)
