@@ -43,7 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from nmfx.api import record, sparsify, states
-from nmfx.methods import Method, resolve_method
+from nmfx.config import SparsifyConfig
+from nmfx.methods import Method
 from nmfx.pattern import Pattern, PatternLike, nm_mask
 
 __all__ = ["prune", "CRITERIA", "sparsegpt_prune", "wanda_mask"]
@@ -65,7 +66,7 @@ class _StopForward(BaseException):
 
 def prune(
     model: nn.Module,
-    pattern: PatternLike = "2:4",
+    pattern: Union[PatternLike, Mapping[str, PatternLike]] = "2:4",
     calibration: Any = None,
     criterion: str = "magnitude",
     *,
@@ -82,7 +83,8 @@ def prune(
 
     Args:
         model: a trained, not yet sparsified model.
-        pattern: the N:M pattern, e.g. ``"2:4"``, ``"1:8"``.
+        pattern: the N:M pattern, e.g. ``"2:4"``, ``"1:8"``, or per layer ``{glob: pattern}`` as for
+            ``nmfx.sparsify`` (first match wins; unmatched weights stay dense).
         calibration: the calibration inputs, run through ``model`` as they are (moved to the model's
             device): an iterable (a list, a ``DataLoader``) of batches, each a tuple of positional
             arguments, a dict of keyword arguments or a single tensor; a lone tensor or dict is one
@@ -93,7 +95,8 @@ def prune(
             with it, with ``**method_options`` such as ``total_steps``).
         include, exclude, example_inputs: as for ``nmfx.sparsify`` (which weights are pruned).
         percdamp: SparseGPT dampening, a fraction of the mean diagonal of ``H`` (default 0.01).
-        blocksize: SparseGPT column block width, a multiple of ``M`` (default 128, or ``M`` if larger).
+        blocksize: SparseGPT column block width, a multiple of every ``M`` (default 128, or ``M`` if larger,
+            per layer).
         progress: show a progress bar over layers (default: when stderr is a terminal).
 
     Raises:
@@ -105,21 +108,21 @@ def prune(
         raise TypeError(f"nmfx.prune expects a torch.nn.Module, got {type(model).__name__}")
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; valid criteria: {', '.join(CRITERIA)}")
-    pattern = Pattern.parse(pattern)
-    resolved = resolve_method(method, **method_options)
+    config = SparsifyConfig.build(pattern, method, include=include, exclude=exclude, **method_options)
     if criterion != "sparsegpt" and (percdamp is not None or blocksize is not None):
         raise ValueError(f"percdamp= and blocksize= are SparseGPT options; criterion={criterion!r} takes neither")
     percdamp = DEFAULT_PERCDAMP if percdamp is None else percdamp
     if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 <= percdamp < _MAX_PERCDAMP:
         raise ValueError(f"percdamp must be a number in [0, {_MAX_PERCDAMP}), got {percdamp!r}")
-    blocksize = _blocksize(blocksize, pattern)
+    for target in config.patterns:
+        _blocksize(blocksize, target)  # checked against every pattern before any work
     if calibration is None and criterion != "magnitude":
         raise ValueError(f"criterion={criterion!r} needs calibration data: pass calibration=<batches of model inputs> "
                          "(e.g. a few hundred sequences of training text), or use criterion='magnitude'")
     batches = None if calibration is None else _batches(calibration, _device(model))
 
-    plan = _plan(model, pattern, resolved, include, exclude, example_inputs)
-    layers = {name: _Layer.of(model, name, dim) for name, dim in plan.items()}
+    plan = _plan(model, config, example_inputs)
+    layers = {name: _Layer.of(model, name, dim) for name, (dim, _) in plan.items()}
     if criterion != "magnitude":
         unhookable = [name for name, layer in layers.items() if layer.kind is None]
         if unhookable:
@@ -132,11 +135,11 @@ def prune(
     try:
         model.eval()
         order, once = _check_pass(model, batches, layers, want_norms=criterion == "wanda") if batches else (list(layers), {})
-        bar = _progress(order, progress, f"nmfx.prune ({criterion}, {pattern})")
+        bar = _progress(order, progress, f"nmfx.prune ({criterion}, {config.describe_pattern()})")
         masks: dict[str, Tensor] = {}
         with torch.no_grad():
             for name in bar:
-                layer = layers[name]
+                layer, pattern = layers[name], plan[name][1]
                 weight = layer.matrix()  # [out, in] float32 copy
                 if criterion == "magnitude":
                     new, keep = _masked(weight, nm_mask(weight, pattern))
@@ -144,14 +147,15 @@ def prune(
                     new, keep = _masked(weight, wanda_mask(weight, layer.column_sq, pattern))
                 else:
                     hessian = _hessian(model, batches, layer, stop_early=once.get(name, False))
-                    new, keep = sparsegpt_prune(weight, hessian, pattern, percdamp=percdamp, blocksize=blocksize, name=name,
+                    new, keep = sparsegpt_prune(weight, hessian, pattern, percdamp=percdamp,
+                                                blocksize=_blocksize(blocksize, pattern), name=name,
                                                 overwrite_hessian=True)
                     del hessian
                 backups[name] = layer.param.detach().clone()
                 layer.write(new)
                 masks[name] = keep
         model.train(was_training)
-        sparsify(model, pattern, resolved, example_inputs=example_inputs, include=include, exclude=exclude)
+        sparsify(model, config, example_inputs=example_inputs)
     except BaseException:
         with torch.no_grad():
             for name, original in backups.items():
@@ -162,7 +166,7 @@ def prune(
     with torch.no_grad():
         for name, keep in masks.items():
             state = found[name]
-            if state.schedule.pattern == pattern:  # e.g. SDGF starts from a denser pattern: keep its own mask
+            if state.schedule.pattern == state.pattern:  # e.g. SDGF starts from a denser pattern: keep its own mask
                 state.mask.copy_(keep if state.dim == 1 else keep.T)
     return model
 
@@ -299,18 +303,18 @@ def _blocksize(blocksize: Optional[int], pattern: Pattern) -> int:
 
 # -- plan: which weights nmfx.sparsify would rewrite ----------------------------------------------------
 
-def _plan(model: nn.Module, pattern: Pattern, method: Method, include, exclude, example_inputs) -> dict[str, int]:
-    """``{weight name: group dim}`` that ``sparsify`` chooses, from a dry run on a copy of the module tree
-    that shares (and never changes) the model's tensors."""
+def _plan(model: nn.Module, config: SparsifyConfig, example_inputs) -> dict[str, tuple[int, Pattern]]:
+    """``{weight name: (group dim, pattern)}`` that ``sparsify`` chooses, from a dry run on a copy of the module
+    tree that shares (and never changes) the model's tensors."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     shadow = copy.deepcopy(model, shared)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sparsify(shadow, pattern, method, example_inputs=example_inputs, include=include, exclude=exclude)
-    plan = {name: state.dim for name, state in states(shadow).items()}
+        sparsify(shadow, config, example_inputs=example_inputs)
+    plan = {name: (state.dim, state.pattern) for name, state in states(shadow).items()}
     if not plan:
         reasons = sorted({f"{row.name}: {row.reason}" for row in record(shadow).rows})
-        raise ValueError(f"nmfx.prune: nothing in {type(model).__name__} would be sparsified at {pattern} "
+        raise ValueError(f"nmfx.prune: nothing in {type(model).__name__} would be sparsified at {config.describe_pattern()} "
                          f"(check include=/exclude=): {'; '.join(reasons)[:400]}")
     return plan
 

@@ -243,3 +243,18 @@ def test_to_dense_per_layer():
     assert type(dense.attn) is nn.Linear and torch.equal(dense(X), model(X))
     inference = nmfx.to_inference(model, backend="reference")
     assert torch.equal(nmfx.to_dense(inference, into=Block())(X), inference(X))
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt"])
+def test_prune_per_layer(criterion):
+    model = _model()
+    calibration = [torch.randn(8, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    nmfx.prune(model, MAPPING, calibration, criterion)
+    assert _patterns(model) == {"attn.weight": "2:4", "mlp.0.weight": "1:8", "mlp.2.weight": "1:8"}
+    for name, state in nmfx.states(model).items():
+        weight = model.get_parameter(name)
+        kept = (weight != 0).reshape(-1, state.pattern.m).sum(-1)
+        assert kept.le(state.pattern.n).all(), name  # pruned to its own pattern
+        assert torch.equal(state.mask, nmfx.nm_mask(weight.abs() + state.mask.float(), state.pattern))
+    with pytest.raises(ValueError, match="blocksize must be a positive multiple of M=8"):
+        nmfx.prune(_model(), MAPPING, calibration, "sparsegpt", blocksize=4)
