@@ -104,7 +104,11 @@ def test_planted_library_is_not_loaded(cache, tiny_ext, tmp_path, capsys, record
     is never imported: nmfx says why, rebuilds, and the next load uses the verified rebuild."""
     marker = tmp_path / "planted-code-ran"
     cpu._make_private_dirs(cache.kdir)
-    (cache.kdir / f"{cache.name}.so").write_bytes(tiny_ext(cache.name, "planted", marker))
+    # a new file renamed over it, as a swap would be: rewriting the loaded library's own inode in place
+    # corrupts the pages this process has mapped and crashes it at exit
+    swapped = cache.kdir / f"{cache.name}.so.swap"
+    swapped.write_bytes(tiny_ext(cache.name, "planted", marker))
+    os.replace(swapped, cache.kdir / f"{cache.name}.so")
     if record == "other hash":
         (cache.kdir / f"{cache.name}.json").write_text('{"sha256": "%s"}' % ("0" * 64))
     elif record == "garbage":
@@ -122,7 +126,11 @@ def test_replaced_library_with_a_matching_old_record_is_not_loaded(cache, tiny_e
     """A genuine build whose library was later swapped: the recorded sha256 no longer matches."""
     cpu._load_or_build(cpu.isa())
     marker = tmp_path / "swapped-code-ran"
-    (cache.kdir / f"{cache.name}.so").write_bytes(tiny_ext(cache.name, "planted", marker))
+    # a new file renamed over it, as a swap would be: rewriting the loaded library's own inode in place
+    # corrupts the pages this process has mapped and crashes it at exit
+    swapped = cache.kdir / f"{cache.name}.so.swap"
+    swapped.write_bytes(tiny_ext(cache.name, "planted", marker))
+    os.replace(swapped, cache.kdir / f"{cache.name}.so")
     assert cpu._load_or_build(cpu.isa())[0].origin == "fake-build"
     assert not marker.exists() and len(cache.builds) == 2
 
