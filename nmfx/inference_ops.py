@@ -157,7 +157,7 @@ def nm_linear_reference(
 # "cpu" then runs no Python at all. The Python implementation below is the CompositeExplicitAutograd
 # kernel: it serves other devices, the first call before the extension is loaded, a failed build, and
 # (through ``nmfx::_nm_linear_python``, which the C++ kernel calls) the "reference"/"triton" backends and
-# the Python-worded argument errors on the CPU. No autograd formula is registered: inference only.
+# the Python-worded argument errors on the CPU. There is no backward: one through the result raises.
 _SCHEMA = (
     "(Tensor x, Tensor values, Tensor indices, Tensor? bias, SymInt n, SymInt m, SymInt index_bits, "
     'str backend="auto") -> Tensor'
@@ -203,9 +203,19 @@ def _nm_linear_fake(x, values, indices, bias, n, m, index_bits, backend="auto"):
     return x.new_empty((*x.shape[:-1], out))
 
 
+def _no_backward(ctx, grad):
+    raise RuntimeError(
+        "nmfx::nm_linear has no backward: it is an inference op (nmfx.to_inference freezes the model). "
+        "Train the sparsified model (nmfx.sparsify) and call to_inference afterwards."
+    )
+
+
 for _name in ("nm_linear", "_nm_linear_python"):
     _lib.impl(_name, _nm_linear_impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"nmfx::{_name}", _nm_linear_fake, lib=_lib)
+    # A backward through the result raises (instead of gradients silently stopping here). Once the
+    # C++ library is loaded, CPU tensors use its C++ equivalent (AutogradCPU, nm_linear_cpu.cpp).
+    torch.library.register_autograd(f"nmfx::{_name}", _no_backward, lib=_lib)
 
 
 def nm_linear(

@@ -239,6 +239,10 @@ def test_cpu_calls_run_the_cpp_kernel_without_python(cpu_kernel):
             op(x, v, i, b, 1, 8, 4, backend)
     with pytest.raises(ValueError, match="backend must be one of"):
         op(*args, "cuda")
+    for backend in ("auto", "reference"):  # no backward: one through the result raises (C++ autograd kernel)
+        xg = x.detach().requires_grad_()
+        with pytest.raises(RuntimeError, match="not implemented"):
+            op(xg, *args[1:], backend).float().sum().backward()
 
 
 class _Packed(torch.nn.Module):
@@ -316,6 +320,11 @@ with warnings.catch_warnings(record=True) as caught:
     nm_linear_packed(torch.randn(2, 64), p)
 print("after the first inference call: loaded", cpu.loaded(), "build warnings",
       sum("could not build" in str(c.message) for c in caught))
+y = nm_linear_packed(torch.randn(2, 64, requires_grad=True), p)
+try:
+    y.sum().backward()
+except RuntimeError as exc:
+    print("backward:", "has no backward" in str(exc) or "not implemented" in str(exc))
 """
 
 
@@ -332,6 +341,7 @@ def test_masks_never_start_the_build_but_the_first_inference_call_does(tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "after sparsify-time masks: loaded False" in done.stdout
     assert "after the first inference call: loaded False build warnings 1" in done.stdout, done.stdout
+    assert "backward: True" in done.stdout  # the Python autograd kernel refuses a backward too
     assert "compiling the C++ CPU kernels" in done.stderr and done.stderr.count("compiling the C++") == 1
 
 
@@ -346,6 +356,7 @@ def test_masks_use_a_cached_kernel_without_building(cpu_kernel):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "after sparsify-time masks: loaded True" in done.stdout
     assert "compiling" not in done.stderr
+    assert "backward: True" in done.stdout
 
 
 _ISA_ORDER = ["scalar", "avx2", "avx512", "avx512bf16"]

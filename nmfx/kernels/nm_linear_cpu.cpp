@@ -70,6 +70,7 @@
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -1036,6 +1037,14 @@ at::Tensor nm_mask(const at::Tensor& w, int64_t n, int64_t m);  // nm_mask_cpu.c
 }  // namespace nmfx_cpu
 
 TORCH_LIBRARY_IMPL(nmfx, CPU, lib) { lib.impl("nm_linear", &nmfx_cpu::nm_linear_op_cpu); }
+// No backward (inference only): for CPU tensors, libtorch's C++ "not implemented" autograd kernel (a
+// backward through the result raises; nothing extra when no input requires grad), in place of the
+// Python one registered for the Autograd alias key in nmfx/inference_ops.py, so grad mode costs no
+// Python either.
+TORCH_LIBRARY_IMPL(nmfx, AutogradCPU, lib) {
+  lib.impl("nm_linear", torch::autograd::autogradNotImplementedFallback());
+  lib.impl("_nm_linear_python", torch::autograd::autogradNotImplementedFallback());
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("nm_linear", &nmfx_cpu::nm_linear, "N:M sparse linear (packed weight), CPU",
