@@ -2,8 +2,8 @@
 
 A pass reads and writes the frozen annotation in ``node.meta["nmfx"]`` (:class:`nmfx.meta.PrunableOp`);
 ``requires`` / ``ensures`` are the annotation statuses a graph's nodes may have before / after it, checked
-around every pass together with the graph invariants of :func:`nmfx.passes.verify.verify` (a failure
-names the pass and the passes that ran before it).
+around every pass together with the graph invariants of :func:`nmfx.passes.verify.verify` by
+:func:`nmfx.passes.pipeline.run_pipeline` (a failure names the pass and the passes that ran before it).
 
 **sparsify** (:func:`sparsify_model`, called by ``nmfx.sparsify``)
 
@@ -46,7 +46,7 @@ then ``verify``; lone ``MaskedLinear`` layers are lowered by ``lower_weight`` (s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from torch import fx, nn
 
@@ -56,7 +56,7 @@ from nmfx.meta import META_KEY, annotated_nodes
 from nmfx.passes.attention import tag_roles
 from nmfx.passes.find_prunable import find_prunable
 from nmfx.passes.lower_inference import lower_inference
-from nmfx.passes.pipeline import PassFailure, RequestError
+from nmfx.passes.pipeline import Pass, run_pipeline
 from nmfx.passes.policy import Policy, apply_policy
 from nmfx.passes.rewrite_masked import rewrite_masked
 from nmfx.passes.rewrite_modules import (disable_fused_fast_path, install_multihead_attention,
@@ -66,7 +66,7 @@ from nmfx.passes.verify import verify
 from nmfx.report import ReportRow, default_pattern
 from nmfx.tracing import analysis_graph, install_scope, rewrite_scopes
 
-__all__ = ["Pass", "SPARSIFY_PIPELINE", "LOWER_PIPELINE", "Context", "run_pipeline", "sparsify_model",
+__all__ = ["SPARSIFY_PIPELINE", "LOWER_PIPELINE", "Context", "run_sparsify_pipeline", "sparsify_model",
            "lower_graph", "Compiled"]
 
 
@@ -81,17 +81,6 @@ class Context:
     whole_model: bool = False
     backend: str = "auto"
     structure_only: bool = False
-
-
-@dataclass(frozen=True)
-class Pass:
-    """One graph pass: ``run(gm, context)`` changes ``gm`` in place; the statuses of its annotations must be
-    in ``requires`` before and in ``ensures`` after."""
-
-    name: str
-    run: Callable[[fx.GraphModule, Context], Any]
-    requires: frozenset[str]
-    ensures: frozenset[str]
 
 
 def _statuses(*names: str) -> frozenset[str]:
@@ -113,32 +102,11 @@ LOWER_PIPELINE: tuple[Pass, ...] = (
 )
 
 
-def run_pipeline(passes: tuple[Pass, ...], gm: fx.GraphModule, context: Context) -> fx.GraphModule:
-    """Run ``passes`` on ``gm`` in order, checking each one's requires/ensures and the graph invariants;
-    then ``verify(rewritten=True)``. Raises :class:`PassFailure` naming the pass (a
-    :class:`RequestError`, something the user asked for that cannot be done, passes through)."""
-    ran: list[str] = []
-    for graph_pass in passes:
-        try:
-            _check_statuses(gm, graph_pass.requires, "requires")
-            graph_pass.run(gm, context)
-            verify(gm)
-            _check_statuses(gm, graph_pass.ensures, "ensures")
-        except RequestError:
-            raise
-        except Exception as error:
-            raise PassFailure(f"pass {graph_pass.name!r} failed on {type(gm).__name__}: {error} "
-                              f"(passes run before it: {', '.join(ran) or 'none'})") from error
-        ran.append(graph_pass.name)
+def run_sparsify_pipeline(gm: fx.GraphModule, context: Context) -> fx.GraphModule:
+    """:data:`SPARSIFY_PIPELINE` on one scope's graph, then ``verify(rewritten=True)``."""
+    run_pipeline(SPARSIFY_PIPELINE, gm, context)
     verify(gm, rewritten=True)
     return gm
-
-
-def _check_statuses(gm: fx.GraphModule, allowed: frozenset[str], which: str) -> None:
-    for node in annotated_nodes(gm.graph):
-        op = node.meta[META_KEY]
-        if op.status not in allowed:
-            raise AssertionError(f"{op.weight}: status {op.status!r}, but the pass {which} {sorted(allowed)}")
 
 
 @dataclass
@@ -170,7 +138,7 @@ def sparsify_model(model: nn.Module, config: SparsifyConfig, example_inputs: Any
     rows: list[ReportRow] = []
     to_install, attention_plans = [], []
     for scope in scopes:  # compile everything first: the passes change only their graphs
-        run_pipeline(SPARSIFY_PIPELINE, scope.graph_module, context)
+        run_sparsify_pipeline(scope.graph_module, context)
         ops = [node.meta[META_KEY] for node in annotated_nodes(scope.graph_module.graph)]
         if any(op.status == "sparsified" for op in ops):
             to_install.append(scope)
@@ -199,7 +167,9 @@ def sparsify_model(model: nn.Module, config: SparsifyConfig, example_inputs: Any
 
 def lower_graph(gm: fx.GraphModule, backend: str, structure_only: bool = False) -> fx.GraphModule:
     """Run :data:`LOWER_PIPELINE` on one rewritten graph."""
-    return run_pipeline(LOWER_PIPELINE, gm, Context(backend=backend, structure_only=structure_only))
+    run_pipeline(LOWER_PIPELINE, gm, Context(backend=backend, structure_only=structure_only))
+    verify(gm, rewritten=True)
+    return gm
 
 
 def _tied_parameters(model: nn.Module) -> dict[str, str]:

@@ -1,5 +1,5 @@
-"""The compiler driver (nmfx/compile.py): pipelines as data, requires/ensures checked around every pass,
-the role pass (passes/roles.py) and the one-way imports of the readers."""
+"""The compiler driver (nmfx/compile.py): pipelines as data, requires/ensures checked around every pass by
+passes/pipeline.py, the role pass (passes/roles.py) and the one-way imports of the readers."""
 
 import dataclasses
 import subprocess
@@ -10,11 +10,11 @@ import torch
 from torch import fx, nn
 
 import nmfx
-from nmfx.compile import LOWER_PIPELINE, SPARSIFY_PIPELINE, Context, Pass, run_pipeline
+from nmfx.compile import LOWER_PIPELINE, SPARSIFY_PIPELINE, Context, run_sparsify_pipeline
 from nmfx.config import SparsifyConfig
 from nmfx.meta import META_KEY, annotated_nodes
 from nmfx.passes.find_prunable import find_prunable
-from nmfx.passes.pipeline import PassFailure
+from nmfx.passes.pipeline import Pass, PassFailure, run_pipeline
 from nmfx.passes.policy import Policy
 from nmfx.passes.roles import adopt_roles
 
@@ -47,7 +47,7 @@ def test_pipelines_are_declared_in_order_with_their_contracts():
 
 
 def test_sparsify_pipeline_ends_rewritten():
-    gm = run_pipeline(SPARSIFY_PIPELINE, _graph(), _context())
+    gm = run_sparsify_pipeline(_graph(), _context())
     ops = [node.meta[META_KEY] for node in annotated_nodes(gm.graph)]
     assert [(op.weight, op.role, op.status, str(op.pattern)) for op in ops] == [
         ("up_proj.weight", "mlp.up", "sparsified", "2:4"), ("down_proj.weight", "mlp.down", "sparsified", "2:4")]
