@@ -387,7 +387,7 @@ def test_lesser_isa_builds_match_the_reference(isa):
                 w, bias = torch.randn(21, 37 * p.m, generator=g).to(dtype), torch.randn(21, generator=g).to(dtype)
                 packed = pack_nm(w, p)
                 exact_w = packed.unpack().double()
-                for batch in (1, 2, 5, 17):
+                for batch in (1, 2, 4, 5, 9, 17, 33, 65):
                     x = torch.randn(batch, 37 * p.m, generator=g).to(dtype)
                     exact = F.linear(x.double(), exact_w, bias.double())
                     scale = F.linear(x.double().abs(), exact_w.abs(), bias.double().abs())
