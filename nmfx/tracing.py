@@ -284,10 +284,26 @@ def sync_root(model: nn.Module) -> None:
 
 
 def _root_class(base: type, gm: fx.GraphModule) -> type:
-    """A subclass of the root's own class (same name) whose ``forward`` is ``gm``'s generated code."""
+    """A subclass of the root's own class (same name) whose ``forward`` is ``gm``'s generated code. It pickles
+    as the root's own class plus the graph (:func:`_new_root`), since a generated class cannot be
+    imported by name."""
     base = getattr(base, "_nmfx_base", base)
     return type(base.__name__, (base,), {"forward": type(gm).forward, "__module__": base.__module__,
-                                         "__qualname__": base.__qualname__, "_nmfx_base": base})
+                                         "__qualname__": base.__qualname__, "_nmfx_base": base,
+                                         "__reduce_ex__": _reduce_root})
+
+
+def _reduce_root(self: nn.Module, protocol: int):
+    # (constructor, args, state): the object exists before its state is restored, so the hooks in its
+    # state that refer back to it unpickle (and deepcopy) as for any module.
+    return _new_root, (self._nmfx_base, getattr(self, ROOT_GRAPH_ATTR)), self.__getstate__()
+
+
+def _new_root(base: type, gm: fx.GraphModule) -> nn.Module:
+    """An empty object of the root's generated class (unpickling then sets its state)."""
+    module = base.__new__(base)
+    module.__class__ = _root_class(base, gm)
+    return module
 
 
 class _InlinedHooks(OrderedDict):
