@@ -258,3 +258,26 @@ def test_prune_per_layer(criterion):
         assert torch.equal(state.mask, nmfx.nm_mask(weight.abs() + state.mask.float(), state.pattern))
     with pytest.raises(ValueError, match="blocksize must be a positive multiple of M=8"):
         nmfx.prune(_model(), MAPPING, calibration, "sparsegpt", blocksize=4)
+
+
+_NAMES = ["attn", "attn.*", "mlp.*", "mlp.0", "mlp.2.weight", "mlp.up", "mlp.down", "other", "*", "*.weight", "head"]
+
+
+@pytest.mark.filterwarnings("ignore:nmfx.sparsify. nothing in")
+@settings(max_examples=30, deadline=None)
+@given(entries=st.lists(st.tuples(st.sampled_from(_NAMES), st.sampled_from(["1:4", "2:4", "1:8", "2:8"])),
+                        min_size=1, max_size=4, unique_by=lambda e: e[0]))
+def test_first_matching_entry_wins(entries):
+    """Against a plain reference: the first glob matching the weight, its module or its role gives the pattern;
+    heads stay out unless included; no match leaves the weight dense."""
+    import fnmatch
+
+    model = nmfx.sparsify(_model(), dict(entries), "ste")
+    rows = {row.name: row for row in nmfx.report(model)}
+    for name, row in rows.items():
+        texts = (name, name.rpartition(".")[0], row.role)
+        match = next((p for glob, p in entries if any(fnmatch.fnmatchcase(t, glob) for t in texts)), None)
+        expected = None if row.role == "head" else match
+        assert (str(nmfx.states(model)[name].pattern) if name in nmfx.states(model) else None) == expected, name
+        if expected is None and row.role != "head":
+            assert row.reason.startswith("no pattern matched")
