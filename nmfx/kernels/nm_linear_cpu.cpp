@@ -717,17 +717,22 @@ static inline void tile_rows_bf16dp_16(const Problem& P, const Decoder& D, const
   for (int64_t k0 = 0; k0 < P.K; k0 += CH) {
     const int cnt = static_cast<int>(std::min<int64_t>(CH, P.K - k0));
     stage_chunk<R>(P, D, vals, idx, avail, k0, cnt, 16, ob, vb);
-    for (int i = 0; i < cnt; i += 2) {
+    // Full pairs without per-pair branches; an odd last value (cnt odd) pairs with zero after the loop.
+    auto pair = [&](int i, auto last_tag) {
+      constexpr bool last = decltype(last_tag)::value;
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + ob[r][i])));
-        const __m512i b = i + 1 < cnt
-            ? _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + ob[r][i + 1])))
-            : zero;
+        const __m512i b = last
+            ? zero
+            : _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + ob[r][i + 1])));
         acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_permutex2var_epi16(a, interleave, b),
-                                  pair_weights(vb[r], i, cnt));
+                                  pair_weights(vb[r], i, last ? i + 1 : i + 2));
       }
-    }
+    };
+    const int even = cnt & ~1;
+    for (int i = 0; i < even; i += 2) pair(i, std::false_type{});
+    if (even < cnt) pair(even, std::true_type{});
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * 16, acc[r]);
 }
@@ -751,20 +756,25 @@ static inline void tile_rows_bf16dp_wide(const Problem& P, const Decoder& D, con
   for (int64_t k0 = 0; k0 < P.K; k0 += CH) {
     const int cnt = static_cast<int>(std::min<int64_t>(CH, P.K - k0));
     stage_chunk<R>(P, D, vals, idx, avail, k0, cnt, BT, ob, vb);
-    for (int i = 0; i < cnt; i += 2) {
+    // Full pairs without per-pair branches; an odd last value (cnt odd) pairs with zero after the loop.
+    auto pair = [&](int i, auto last_tag) {
+      constexpr bool last = decltype(last_tag)::value;
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const __m512bh w = pair_weights(vb[r], i, cnt);
+        const __m512bh w = pair_weights(vb[r], i, last ? i + 1 : i + 2);
         const c10::BFloat16* p0 = xt + ob[r][i];
-        const c10::BFloat16* p1 = i + 1 < cnt ? xt + ob[r][i + 1] : nullptr;
+        const c10::BFloat16* p1 = last ? nullptr : xt + ob[r][i + 1];
 #pragma GCC unroll 2
         for (int v = 0; v < NV; ++v) {
-          const __m512i a = _mm512_loadu_si512(p0 + 32 * v), b = p1 ? _mm512_loadu_si512(p1 + 32 * v) : zero;
+          const __m512i a = _mm512_loadu_si512(p0 + 32 * v), b = last ? zero : _mm512_loadu_si512(p1 + 32 * v);
           lo[r][v] = _mm512_dpbf16_ps(lo[r][v], (__m512bh)_mm512_unpacklo_epi16(a, b), w);
           hi[r][v] = _mm512_dpbf16_ps(hi[r][v], (__m512bh)_mm512_unpackhi_epi16(a, b), w);
         }
       }
-    }
+    };
+    const int even = cnt & ~1;
+    for (int i = 0; i < even; i += 2) pair(i, std::false_type{});
+    if (even < cnt) pair(even, std::true_type{});
   }
   // Batch lane j of a 32-lane vector: block q = j / 8; j % 8 < 4 -> lo[4q + j % 8], else hi[4q + j % 8 - 4].
   alignas(64) int32_t ia[16], ib[16];
