@@ -65,6 +65,12 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
                          f"(e.g. {name}: alpha={state.alpha:.3g}, pattern {state.pattern} of target "
                          f"{states(model)[name].pattern}); finish the schedule (total_steps) "
                          "or pass force=True to prune them to the target mask now")
+    unreachable = _unlowerable_states(model)
+    if unreachable:
+        raise ValueError(f"{len(unreachable)} sparsified weights (e.g. {unreachable[0]}) are in no rewritten graph that "
+                         "still carries nmfx's annotations, so they cannot be lowered; nothing was changed. Graph "
+                         "annotations do not survive pickling the whole model (torch.save(model)): rebuild it with "
+                         "nmfx.sparsify(fresh_model, <same arguments>) and fresh_model.load_state_dict(state_dict)")
     target = model if inplace else copy.deepcopy(model)
     if dtype is not None:
         target.to(dtype)
@@ -99,6 +105,20 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
     object.__setattr__(target, "_nmfx_record", dataclasses.replace(found, rows=rows, inference=True))
     target.requires_grad_(False)  # an inference graph: nm_linear has no backward
     return target.eval()
+
+
+def _unlowerable_states(model: nn.Module) -> list[str]:
+    """Sparsified weights that lowering would not reach: neither an annotated masked op of a rewritten graph,
+    nor a lone ``MaskedLinear``, nor a ``nn.MultiheadAttention`` projection."""
+    reachable = {node.meta[META_KEY].weight for gm in graphs(model).values() for node in annotated_nodes(gm.graph)
+                 if node.meta[META_KEY].status == "sparsified"}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, MaskedLinear):
+            reachable.add(f"{prefix}weight")
+        elif isinstance(module, MaskedMultiheadAttention):
+            reachable.update(f"{prefix}{weight}" for weight, _ in module.named_parameters())
+    return sorted(set(states(model)) - reachable)
 
 
 def is_inference(model: nn.Module) -> bool:

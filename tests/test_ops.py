@@ -202,3 +202,25 @@ def test_whole_sparsified_model_pickles_and_unpickles():
         torch.testing.assert_close(loaded.eval()(ids).logits, model.eval()(ids).logits)
     codes = [module.code for module in loaded.modules() if isinstance(module, torch.fx.GraphModule)]
     assert any("masked_linear" in code for code in codes)
+
+
+def test_to_inference_of_an_unpickled_whole_model_is_refused_not_silently_unlowered():
+    """Graph annotations do not survive torch.save(model); to_inference must say so, not claim 'packed'."""
+    import io
+
+    transformers = pytest.importorskip("transformers")
+    import nmfx
+
+    transformers.logging.set_verbosity_error()
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
+                                                                 n_positions=32))
+    nmfx.sparsify(model, "1:4", "ste")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    with pytest.raises(ValueError, match="do not survive pickling"):
+        nmfx.to_inference(loaded, inplace=True)
+    after = loaded.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
