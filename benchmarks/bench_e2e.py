@@ -14,9 +14,10 @@ it; nmfx with ``to_inference(dtype=torch.bfloat16)``). Timings are medians of in
 
 Measured per configuration: greedy decode (``generate``, ``max_new_tokens`` tokens, KV cache) at
 batch 1/8/32 and a prefill forward of 128/512 tokens at batch 1; tokens/s; whether nmfx's greedy tokens
-equal the plain model's; weight bytes of each model; and the **byte-ratio limit** — the plain model's
-weight bytes over nmfx's, the speed-up a purely memory-bound batch-1 decode could reach — with the
-head dense (as measured) and with the head at the pattern too (``include=["head"]``; computed, not timed).
+equal the plain model's; weight bytes of each model; and the **byte-ratio limit** — the bytes a decode
+step streams (every weight but the input-embedding table, of which a step reads a few rows) of the plain
+model over nmfx's, the speed-up a purely memory-bound batch-1 decode could reach — with the head dense
+(as measured) and with the head at the pattern too (``include=["head"]``; computed, not timed).
 Writes ``benchmarks/results/bench_e2e.json`` with the machine's CPU model and SIMD flags.
 """
 
@@ -61,6 +62,21 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def streamed_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads in full: every weight except input embedding tables (a step gathers only
+    a few of their rows) unless the table is also the LM head's weight (tied)."""
+    head = model.get_output_embeddings()
+    head_weight = getattr(head, "weight", None)
+    gathered = {id(m.weight) for m in model.modules()
+                if isinstance(m, torch.nn.Embedding) and m.weight is not head_weight}
+    seen, total = set(gathered), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
 def head_bytes_ratio(model: torch.nn.Module, pattern: nmfx.Pattern, dtype: torch.dtype) -> tuple[int, int]:
     """(dense bytes, packed bytes) of the LM head if it were sparsified too."""
     head = model.get_output_embeddings()
@@ -69,6 +85,35 @@ def head_bytes_ratio(model: torch.nn.Module, pattern: nmfx.Pattern, dtype: torch
     bits = max(1, (pattern.m - 1).bit_length())
     kept = in_features // pattern.m * pattern.n
     return out_features * in_features * size, out_features * (kept * size + (kept * bits + 7) // 8)
+
+
+def byte_limits(plain: torch.nn.Module, packed: torch.nn.Module, pattern: str, dtype: torch.dtype) -> dict:
+    """Weight bytes of both models, and the byte-ratio limit of a memory-bound batch-1 decode step: bytes
+    streamed per token by the plain model over nmfx's, with the head dense (as run) and at the pattern."""
+    streamed_plain, streamed_nmfx = streamed_bytes(plain), streamed_bytes(packed)
+    head_dense, head_packed = head_bytes_ratio(plain, nmfx.Pattern.parse(pattern), dtype)
+    return {"plain_weight_bytes": weight_bytes(plain), "nmfx_weight_bytes": weight_bytes(packed),
+            "plain_streamed_bytes": streamed_plain, "nmfx_streamed_bytes": streamed_nmfx,
+            "byte_ratio_limit_head_dense": streamed_plain / streamed_nmfx,
+            "byte_ratio_limit_head_sparse": streamed_plain / (streamed_nmfx - head_dense + head_packed)}
+
+
+def recompute_limits(path: Path, quick: bool) -> None:
+    """Rewrite the byte-ratio fields of an existing result (computed from the models, no timing)."""
+    result = json.loads(path.read_text())
+    for name, (config_name, kwargs) in configs(quick).items():
+        plain, sparse = build(config_name, kwargs, result["rows"][0]["pattern"])
+        for dtype_name in sorted({r["dtype"] for r in result["rows"] if r["model"] == name}):
+            dtype = getattr(torch, dtype_name)
+            plain_d = plain if dtype == torch.float32 else copy.deepcopy(plain).to(dtype)
+            packed = nmfx.to_inference(sparse, backend="cpu", dtype=None if dtype == torch.float32 else dtype)
+            limits = byte_limits(plain_d, packed, result["rows"][0]["pattern"], dtype)
+            for row in result["rows"]:
+                if row["model"] == name and row["dtype"] == dtype_name:
+                    row.update(limits)
+    result["limits_recomputed"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    path.write_text(json.dumps(result, indent=1))
+    print(f"rewrote the byte-ratio limits in {path}")
 
 
 def build(config_name: str, config_kwargs: dict, pattern: str, seed: int = 0):
@@ -99,12 +144,8 @@ def measure(name: str, plain, sparse, pattern: str, dtype: torch.dtype, args) ->
         for model in (plain_d, packed):
             model.forward = torch.compile(model.forward, dynamic=True)
     vocab = plain.config.vocab_size
-    bytes_plain, bytes_nmfx = weight_bytes(plain_d), weight_bytes(packed)
-    head_dense, head_packed = head_bytes_ratio(plain_d, nmfx.Pattern.parse(pattern), dtype)
     common = {"model": name, "dtype": str(dtype).removeprefix("torch."), "pattern": pattern,
-              "compiled": bool(args.compile), "plain_weight_bytes": bytes_plain, "nmfx_weight_bytes": bytes_nmfx,
-              "byte_ratio_limit_head_dense": bytes_plain / bytes_nmfx,
-              "byte_ratio_limit_head_sparse": bytes_plain / (bytes_nmfx - head_dense + head_packed)}
+              "compiled": bool(args.compile), **byte_limits(plain_d, packed, pattern, dtype)}
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for batch in args.decode_batches:
@@ -154,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile both models' forward")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--recompute-limits", action="store_true",
+                        help="only rewrite --output's byte-ratio limits (no timing)")
     args = parser.parse_args(argv)
+    if args.recompute_limits:
+        recompute_limits(args.output, args.quick)
+        return 0
     args.decode_batches = [int(b) for b in args.decode_batches.split(",") if b]
     args.prefill = [int(p) for p in args.prefill.split(",") if p]
     if args.quick:

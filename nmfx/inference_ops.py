@@ -199,6 +199,10 @@ def _nm_linear_impl(
 
 
 def _nm_linear_fake(x, values, indices, bias, n, m, index_bits, backend="auto"):
+    if torch.onnx.is_in_onnx_export():
+        raise ValueError("nmfx::nm_linear has no ONNX definition, so a packed nmfx inference model cannot be "
+                         "exported to ONNX: export the dense copy instead, torch.onnx.export(nmfx.to_dense(model), "
+                         "...), whose weights hold the N:M zeros")
     out, _, _ = _check(x, values, indices, bias, n, m, index_bits, backend)
     return x.new_empty((*x.shape[:-1], out))
 

@@ -159,3 +159,16 @@ def test_dense_copy_of_a_transformers_model_saves_and_loads_with_save_pretrained
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
     weight = loaded.transformer.h[0].mlp.c_fc.weight.detach()
     assert weight.T.reshape(weight.shape[1], -1, 4).ne(0).sum(-1).le(2).all()  # still 2:4 along the input
+
+
+def test_onnx_export_of_the_packed_model_is_refused_pointing_to_to_dense(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    model = nmfx.to_inference(nmfx.prune(_vit(), "2:4", [_images()], "wanda"))
+    with pytest.raises(Exception) as info:
+        torch.onnx.export(model, (_images(),), str(tmp_path / "packed.onnx"), dynamo=True)
+    chain, error = [], info.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any("nmfx.to_dense(model)" in text for text in chain), chain[0][:500]
