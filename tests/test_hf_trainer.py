@@ -42,6 +42,7 @@ def test_trainer_callback_steps_and_logs(tmp_path):
     assert states and all(int(s.step) == 6 for s in states.values())  # once per optimizer step, not per micro-batch
     logged = [entry for entry in trainer.state.log_history if "nmfx/sparsity" in entry]
     assert [entry["step"] for entry in logged] == [2, 4, 6]
+    assert all(entry["nmfx/step"] == entry["step"] for entry in logged)  # the Trainer's step, not one behind
     assert all(entry["nmfx/mask_sparsity"] == pytest.approx(7 / 8) for entry in logged)
     # effective sparsity: none while alpha > 0 (pruned weights still count alpha * W), the mask's once alpha = 0
     assert all(entry["nmfx/sparsity"] == (7 / 8 if entry["nmfx/alpha"] == 0 else 0.0) for entry in logged)

@@ -77,7 +77,11 @@ class NMSparsityCallback(TrainerCallback):
             raise ValueError("NMSparsityCallback needs the model in the callback arguments")
         upcoming = state.global_step + 1  # global_step is incremented after this event
         if _logs_at(args, upcoming):
+            # the masks, alpha and gradients this optimizer step used; the step count is the Trainer's
+            # (optimizer steps taken, this one included), not the count before nmfx.step below
             self._pending = nmfx.stats(model, per_layer=self.per_layer)
+            if "nmfx/step" in self._pending:
+                self._pending["nmfx/step"] = float(upcoming)
         nmfx.step(model)
 
     def on_log(self, args, state, control, logs: Optional[dict] = None, **kwargs):
