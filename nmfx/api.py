@@ -12,6 +12,7 @@ from nmfx.accessors import RECORD_ATTR, graphs, is_sparsified, masks, record, st
 from nmfx.compile import sparsify_model
 from nmfx.config import SparsifyConfig
 from nmfx.methods import Method
+from nmfx.packed import MAX_PACKED_M
 from nmfx.pattern import PatternLike
 from nmfx.report import SparsifyRecord
 from nmfx.state import (LEGACY_KEY, PRUNED_KEY, STATE_KEYS, STATE_SUFFIX, checkpoint_problems, dense_weight,
@@ -77,6 +78,11 @@ def sparsify(
         from nmfx.integrations.hf import install_save_pretrained  # imports transformers: only for its models
 
         install_save_pretrained(model)
+    unpackable = sorted({str(state.pattern) for state in states(model).values() if state.pattern.m > MAX_PACKED_M})
+    if unpackable:
+        warnings.warn(f"nmfx.sparsify: pattern {', '.join(unpackable)} trains, but nmfx.to_inference cannot pack it "
+                      f"(the packed format holds M <= {MAX_PACKED_M}); deploy with nmfx.to_dense(model) instead, or "
+                      f"choose M <= {MAX_PACKED_M}", stacklevel=2)
     if not any(row.status == "sparsified" for row in rows):
         reasons = sorted({row.reason for row in rows}) or ["no linear-like op with a parameter weight was found"]
         warnings.warn(f"nmfx.sparsify: nothing in {type(model).__name__} was sparsified ({'; '.join(reasons)[:300]}). "

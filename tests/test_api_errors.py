@@ -253,9 +253,12 @@ def test_pattern_wider_than_every_layer_warns():
 
 def test_pattern_wider_than_some_layers_skips_them_only():
     model = fresh()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # something is sparsified: no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         nmfx.sparsify(model, "1:64", "ste")
+    messages = [str(w.message) for w in caught]
+    assert not any("nothing in" in m for m in messages)  # something is sparsified
+    assert any("cannot pack" in m for m in messages)  # but M = 64 cannot be lowered: said at sparsify
     rows = {row.name: row for row in nmfx.report(model)}
     assert rows["fc1.weight"].status == "skip"
     assert "32" in rows["fc1.weight"].reason and "M=64" in rows["fc1.weight"].reason
@@ -388,3 +391,17 @@ def test_failed_sparsify_leaves_model_untouched(monkeypatch):
         nmfx.sparsify(model, "2:4", "ste")
     assert len(calls) == 2
     assert_untouched(model, before, types)
+
+
+def test_a_pattern_that_cannot_be_packed_is_warned_about_at_sparsify():
+    import warnings as _warnings
+
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+    with pytest.warns(UserWarning, match=r"1:64 trains, but nmfx.to_inference cannot pack it"):
+        nmfx.sparsify(model, "1:64", "ste", include=["0.weight"])
+    with pytest.raises(ValueError, match="M <= 32"):
+        nmfx.to_inference(model)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error", UserWarning)
+        nmfx.sparsify(torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 2)), "1:32", "ste",
+                      include=["0.weight"])
