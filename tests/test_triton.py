@@ -230,7 +230,7 @@ def test_public_op_dispatch(interp):
     _assert_matches(y, x, packed, b)
     y1 = ops.nm_linear_packed(x[0, :1], packed, b, backend="triton")  # 1 row -> GEMV
     _assert_matches(y1, x[0, :1], packed, b)
-    torch.library.opcheck(ops.nm_linear, (x[0, :3].float(), packed.values.float(), packed.positions(), None, 1, 8, 8, "triton"))
+    torch.library.opcheck(torch.ops.nmfx.nm_linear.default, (x[0, :3].float(), packed.values.float(), packed.positions(), None, 1, 8, 8, "triton"))
 
 
 def test_to_inference_with_triton_backend(interp):
