@@ -5,9 +5,16 @@
     # 8 GPUs on one node (NCCL is picked automatically when CUDA is available):
     torchrun --nproc_per_node=8 examples/train_distributed.py --engine ddp --pattern 1:16 --method mdgf
 
+    # checkpoint every 50 steps, then resume from one (both engines; a torch.distributed.checkpoint dir):
+    torchrun --nproc_per_node=2 examples/train_distributed.py --engine fsdp2 --checkpoint ckpt --checkpoint-every 50
+    torchrun --nproc_per_node=2 examples/train_distributed.py --engine fsdp2 --checkpoint ckpt --resume ckpt/step-100
+
 Every rank sparsifies the same model *before* wrapping it; ``nmfx.step`` after each optimizer step
 refreshes masks from the full parameters (all-gathered under FSDP2), so they agree on every rank.
-Checkpoints are ordinary ``state_dict``s (masks and schedule state included).
+Checkpoints are ``torch.distributed.checkpoint`` directories of the model (dense weights, masks and
+schedule state: nmfx's state dict holds tensors only), the optimizer and the step, written with
+``get_state_dict`` / ``set_state_dict`` so the same code serves DDP and FSDP2 (sharded parameters are
+saved sharded). A resumed run continues exactly like an uninterrupted one (the data order is replayed).
 """
 
 from __future__ import annotations
@@ -30,8 +37,12 @@ def main() -> None:
     parser.add_argument("--method", default="sdgf")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=64, help="global batch size")
-    parser.add_argument("--checkpoint", default="")
+    parser.add_argument("--checkpoint", default="", help="directory: DCP checkpoints go to <dir>/step-<k>")
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    parser.add_argument("--resume", default="", help="a <dir>/step-<k> checkpoint to continue from")
     args = parser.parse_args()
+    if args.checkpoint_every and not args.checkpoint:
+        parser.error("--checkpoint-every needs --checkpoint DIR")
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -53,14 +64,19 @@ def main() -> None:
             fully_shard(block)
         wrapped = fully_shard(model)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=3e-3)
+    start = load_checkpoint(args.resume, model, opt) if args.resume else 0
     g = torch.Generator().manual_seed(1)  # same global batches on every rank; each takes its slice
-    for step in range(args.steps):
+    for _ in range(start):  # replay the batches a resumed run has already seen
+        torch.randint(0, len(x_train), (args.batch,), generator=g)
+    for step in range(start, args.steps):
         idx = torch.randint(0, len(x_train), (args.batch,), generator=g).chunk(world)[rank]
         loss = nn.functional.cross_entropy(wrapped(x_train[idx].to(device)), y_train[idx].to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
         nmfx.step(wrapped)
+        if args.checkpoint and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+            save_checkpoint(os.path.join(args.checkpoint, f"step-{step + 1}"), model, opt, step + 1)
         if (step + 1) % 50 == 0:
             stats = nmfx.stats(model, per_layer=False)  # on every rank: it gathers FSDP2 gradients
             if rank == 0:
@@ -70,12 +86,42 @@ def main() -> None:
     wrapped.eval()
     with torch.no_grad():
         accuracy = (wrapped(x_test.to(device)).argmax(-1).cpu() == y_test).float().mean().item()
-    state = model.state_dict()  # under FSDP2, parameters are DTensors (use torch.distributed.checkpoint to save sharded)
     if rank == 0:
         print(f"{args.engine} x{world}: test accuracy {accuracy:.3f} at {args.pattern} {args.method}")
-        if args.checkpoint and args.engine == "ddp":
-            torch.save(state, args.checkpoint)
+    saved_in_loop = args.checkpoint_every and args.steps % args.checkpoint_every == 0 and args.steps > start
+    if args.checkpoint and not saved_in_loop:
+        save_checkpoint(os.path.join(args.checkpoint, f"step-{args.steps}"), model, opt, args.steps)
     dist.destroy_process_group()
+
+
+def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    """Model (weights + nmfx state), optimizer and step as a torch.distributed.checkpoint directory."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optim": optim_state, "step": torch.tensor(step)}, checkpoint_id=path)
+    if dist.get_rank() == 0:
+        print(f"checkpoint: {path}")
+
+
+def load_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Restore what :func:`save_checkpoint` wrote into the (already sparsified and wrapped) model; returns the
+    step. nmfx checks the incoming nmfx state before anything is copied into the model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not os.path.isdir(path):
+        raise SystemExit(f"--resume {path}: no such checkpoint directory")
+    model_state, optim_state = get_state_dict(model, opt)
+    # DCP loads into the tensors it is given: clones, so a refused checkpoint leaves the model untouched
+    model_state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model_state.items()}
+    state = {"model": model_state, "optim": optim_state, "step": torch.tensor(0)}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if dist.get_rank() == 0:
+        print(f"resumed from {path} at step {int(state['step'])}")
+    return int(state["step"])
 
 
 if __name__ == "__main__":
