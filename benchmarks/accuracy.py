@@ -70,6 +70,7 @@ from torch import Tensor, nn  # noqa: E402
 
 import nmfx
 from nmfx.examples import Block, TinyViT, digits
+from nmfx.bench import machine_info
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
@@ -776,13 +777,7 @@ def _write_outputs(args: argparse.Namespace, records: list[dict], provenance: st
 
 
 def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return machine_info()["cpu"]
 
 
 if __name__ == "__main__":

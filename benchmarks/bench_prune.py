@@ -41,6 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nmfx  # noqa: E402
+from nmfx.bench import machine_info  # noqa: E402
 from benchmarks.accuracy import LMTask, lr_factor  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -175,9 +176,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 record[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             records.append(record)
     scaling = wide_layer_costs(args) if not args.quick else []
+    machine = machine_info()
     return {
         "benchmark": "bench_prune", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {"cpu": _cpu_name(), "flags": _cpu_flags(), "cores": os.cpu_count(), "torch_threads": args.threads,
+        "machine": {"cpu": machine["cpu"], "flags": machine["simd_flags"], "cores": os.cpu_count(),
+                    "torch_threads": args.threads,
                     "note": "shared machine (other jobs running): timings are indicative only"},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "config": {"lm": cfg, "pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps,
@@ -233,28 +236,6 @@ def table(result: dict[str, Any]) -> str:
                  "| --- | --- | --- |\n" + "\n".join(f"| {r['criterion']} | {r['prune_seconds']:.2f} | "
                                                    f"{r['prune_peak_extra_mib']} |" for r in result["wide_layers"]))
     return text
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> list[str]:
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                return [f for f in wanted if f in present]
-    except OSError:
-        pass
-    return []
 
 
 def main(argv: Optional[list[str]] = None) -> int:
