@@ -22,12 +22,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nmfx.accessors import states
+
 __all__ = ["stats"]
 
 
 def stats(model: nn.Module, per_layer: bool = True, prefix: str = "nmfx/") -> dict[str, float]:
     """Diagnostics of every sparsified weight, plus totals; see the module docstring for the keys."""
-    from nmfx.api import states  # local: api imports the passes, which import the runtime
 
     names, rows, sizes = [], [], []
     for name, state in states(model).items():
