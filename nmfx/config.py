@@ -101,12 +101,7 @@ class SparsifyConfig:
         format version is refused)."""
         if not isinstance(data, Mapping):
             raise TypeError(f"a SparsifyConfig dict must be a mapping, got {type(data).__name__}")
-        version = data.get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise ValueError(f"SparsifyConfig dict: format_version must be a positive integer, got {version!r:.40}")
-        if version > CONFIG_FORMAT_VERSION:
-            raise ValueError(f"SparsifyConfig dict has format_version {version}, newer than this nmfx reads "
-                             f"({CONFIG_FORMAT_VERSION}); upgrade nmfx")
+        check_format_version(data.get("format_version"), CONFIG_FORMAT_VERSION, "SparsifyConfig dict")
         unknown = sorted(set(data) - {"format_version", "pattern", "method", "include", "exclude"})
         if unknown:
             raise ValueError(f"SparsifyConfig dict has unknown fields {unknown}")
@@ -153,3 +148,13 @@ def _globs(argument: str, value: Any) -> Optional[tuple[str, ...]]:
 def literal_glob(name: str) -> str:
     """A glob matching exactly ``name`` (its ``*``, ``?`` and ``[`` escaped)."""
     return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def check_format_version(version: Any, newest: int, where: str) -> int:
+    """``version`` as read from a saved nmfx record: a positive integer this nmfx can read (ValueError
+    naming ``where`` otherwise; a newer one asks to upgrade)."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{where}: format_version must be a positive integer, got {version!r:.40}")
+    if version > newest:
+        raise ValueError(f"{where} has format {version}, newer than this nmfx reads ({newest}); upgrade nmfx")
+    return version

@@ -43,7 +43,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 import nmfx
-from nmfx.config import SparsifyConfig, literal_glob
+from nmfx.config import SparsifyConfig, check_format_version, literal_glob
 from nmfx.ops import effective_weight
 from nmfx.state import PRUNED_KEY, STATE_KEYS, STATE_SUFFIX, pruned_values
 
@@ -216,12 +216,7 @@ def _parse_record(record: Any, path: Any) -> dict[str, Any]:
                          "cls.from_pretrained and call nmfx.sparsify")
     if not isinstance(record, dict):
         raise ValueError(f"{where}: 'nmfx' must be an object, got {type(record).__name__}")
-    version = record.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ValueError(f"{where}: nmfx.format_version must be a positive integer, got {version!r:.40}")
-    if version > RECORD_VERSION:
-        raise ValueError(f"{where}: nmfx record format {version} is newer than this nmfx reads ({RECORD_VERSION}); "
-                         "upgrade nmfx")
+    version = check_format_version(record.get("format_version"), RECORD_VERSION, f"{where}: the nmfx record")
     try:
         config = SparsifyConfig.build(record.get("pattern") if version > 1 else str(record.get("pattern")),
                                       record.get("method") if isinstance(record.get("method"), dict) else "?")
