@@ -16,6 +16,7 @@ ste       W * m                       g (straight-through)              none
 srste     W * m                       g + lambda * (1 - m) * W          none (Zhou et al. 2021)
 mdgf      W * (m + alpha (1 - m))     g, or g * (m + alpha (1 - m))     alpha decays 1 -> 0
 sdgf      W * m_t (N_t:M_t mask)      g (straight-through)              N_t:M_t steps to the target
+gmp       W * m_t (k_t:M mask)        g * m_t (pruned get none)         k_t: M -> N, cubic (Zhu & Gupta)
 ========  ==========================  ================================  =============================
 
 Phases (all methods): ``dense_steps`` of dense warm-up, the sparse phase, then ``fine_tune_steps``
@@ -34,7 +35,7 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 from nmfx.pattern import Pattern, PatternLike
 
 __all__ = [
-    "Method", "Dense", "STE", "SRSTE", "MDGF", "SDGF", "ScheduleState", "METHODS", "resolve_method",
+    "Method", "Dense", "STE", "SRSTE", "MDGF", "SDGF", "GMP", "ScheduleState", "METHODS", "resolve_method",
     "CONFIG_VERSION",
 ]
 
@@ -53,6 +54,11 @@ _DEFAULT_STAGE_STEPS = 1000
 
 #: The geometric / densify SDGF schedules never use masks with groups wider than this.
 _MAX_SCHEDULE_M = 128
+
+#: GMP's ramp, as a fraction of the sparse phase, when ``total_steps`` is given and ``ramp_steps`` is not
+#: (the same span as MDGF's fitted decay); without ``total_steps``, :data:`_DEFAULT_RAMP_STEPS` steps.
+_RAMP_FRACTION = 0.5
+_DEFAULT_RAMP_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,8 @@ class Method:
     mask_interval: int = 1
 
     name: ClassVar[str] = ""
+    #: True when a new mask may only keep weights the previous one kept (pruned weights count as zero).
+    monotone_mask: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.total_steps is not None:
@@ -329,8 +337,73 @@ class SDGF(Method):
         return stages[min(stage, len(stages) - 1)]
 
 
+@dataclass(frozen=True)
+class GMP(Method):
+    """Gradual magnitude pruning (Zhu & Gupta 2017, "To prune, or not to prune"), adapted to N:M.
+
+    Zhu & Gupta raise the sparsity along ``s_t = s_f (1 - (1 - t / T)^3)``; per group of M that is a kept
+    count ``k_t = N + (M - N) (1 - t / T)^3`` (rounded to the nearest integer) falling from M to N over a
+    ramp of T steps, after which the target N:M holds. The masks are hard (forward ``W * m_t``) and the
+    pruned weights are treated as zeroed: they get no gradient (``g * m_t``) and never come back (each new
+    mask keeps the largest-|W| of the weights the previous mask kept).
+
+    Args:
+        ramp_steps: length of the ramp: an int number of optimizer steps, or a float in (0, 1], a fraction
+            of the sparse phase (needs ``total_steps``). Default: half of the sparse phase with
+            ``total_steps`` (the span of MDGF's fitted decay), 1,000 steps without it.
+    """
+
+    ramp_steps: Union[int, float, None] = None
+    name: ClassVar[str] = "gmp"
+    monotone_mask: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        value = self.ramp_steps
+        if isinstance(value, float):
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"gmp: ramp_steps={value!r} as a float is a fraction of the sparse phase and must "
+                                 "lie in (0, 1]; give an int for a number of steps")
+            if self.total_steps is None:
+                raise ValueError(f"gmp: ramp_steps={value!r} is a fraction of the sparse phase, but total_steps is "
+                                 "not set; give total_steps or an int number of steps")
+        elif value is not None:
+            _check_int("ramp_steps", value, minimum=1)
+            if self._sparse_len is not None and value > self._sparse_len:
+                raise ValueError(f"gmp: ramp_steps={value} is longer than the sparse phase ({self._sparse_len} "
+                                 "steps); shorten it or raise total_steps")
+
+    @property
+    def exact_gradient(self) -> bool:
+        return True  # pruned weights are zeroed in Zhu & Gupta: no gradient reaches them
+
+    @property
+    def ramp_length(self) -> int:
+        """The ramp in optimizer steps (counted from the end of the dense warm-up)."""
+        length = self._sparse_len
+        if isinstance(self.ramp_steps, float):
+            return max(1, round(self.ramp_steps * length))
+        if self.ramp_steps is not None:
+            return self.ramp_steps
+        return _DEFAULT_RAMP_STEPS if length is None else max(1, round(_RAMP_FRACTION * length))
+
+    def kept(self, sparse_step: int, target: PatternLike) -> int:
+        """The kept count per group of M at ``sparse_step`` steps into the sparse phase."""
+        target = Pattern.parse(target)
+        left = max(0.0, 1.0 - sparse_step / self.ramp_length)
+        return min(target.m, target.n + round((target.m - target.n) * left ** 3))
+
+    def patterns(self, target: PatternLike) -> tuple[Pattern, ...]:
+        """Every k:M the ramp can pass through, from M:M (dense) down to the target."""
+        target = Pattern.parse(target)
+        return tuple(Pattern(k, target.m) for k in range(target.m, target.n, -1)) + (target,)
+
+    def _sparse_pattern(self, sparse_step: int, target: Pattern) -> Pattern:
+        return Pattern(self.kept(sparse_step, target), target.m)
+
+
 #: Method name -> config class (a constant table, not a registry).
-METHODS: Mapping[str, type[Method]] = {cls.name: cls for cls in (Dense, STE, SRSTE, MDGF, SDGF)}
+METHODS: Mapping[str, type[Method]] = {cls.name: cls for cls in (Dense, STE, SRSTE, MDGF, SDGF, GMP)}
 
 
 def resolve_method(method: Union[str, Method, Mapping[str, Any]] = "sdgf", **options: Any) -> Method:

@@ -107,7 +107,10 @@ class NMState(nn.Module):
         pattern_changed = getattr(self, "_mask_pattern", None) != state.pattern
         due = int(self.step) % self.method.mask_interval == 0 and not state.mask_frozen
         if force or pattern_changed or due:
-            new_mask = nm_mask(_full(weight), state.pattern, dim=self.dim)
+            scores = _full(weight)
+            if self.method.monotone_mask and not force:  # gmp: pruned weights count as zero and never return
+                scores = scores * self.mask
+            new_mask = nm_mask(scores, state.pattern, dim=self.dim)
             flips = torch.zeros(()) if force else (new_mask != self.mask).float().mean()
             self.last_flip_rate.copy_(flips)
             self.mask.copy_(new_mask)

@@ -4,11 +4,13 @@ import json
 import math
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import nmfx
-from nmfx.methods import MDGF, METHODS, SDGF, SRSTE, STE, Dense, resolve_method
+from nmfx.methods import GMP, MDGF, METHODS, SDGF, SRSTE, STE, Dense, resolve_method
 
 
 def test_resolve_by_name_and_options():
@@ -38,6 +40,9 @@ def test_unknown_option_lists_valid():
     {"method": "sdgf", "total_steps": 10, "stage_steps": 5}, {"method": "sdgf", "stage_steps": 0},
     {"method": "sdgf", "total_steps": 10, "schedule": "linear"}, {"method": "sdgf", "total_steps": 10, "schedule": []},
     {"method": "sdgf", "total_steps": 10, "schedule": ["2:8", "x"]},
+    {"method": "gmp", "ramp_steps": 0}, {"method": "gmp", "ramp_steps": 0.5},
+    {"method": "gmp", "total_steps": 10, "ramp_steps": 1.5}, {"method": "gmp", "total_steps": 10, "ramp_steps": 0.0},
+    {"method": "gmp", "total_steps": 10, "dense_steps": 4, "ramp_steps": 7}, {"method": "gmp", "ramp_steps": True},
 ])
 def test_invalid_configs(kwargs):
     with pytest.raises(ValueError):
@@ -45,7 +50,8 @@ def test_invalid_configs(kwargs):
 
 
 @pytest.mark.parametrize("method", [Dense(), STE(total_steps=9), SRSTE(srste_lambda=1e-3), MDGF(total_steps=50, decay="exponential"),
-                                    SDGF(total_steps=100, schedule=["4:8", "2:8", "1:8"], dense_steps=0.1)])
+                                    SDGF(total_steps=100, schedule=["4:8", "2:8", "1:8"], dense_steps=0.1),
+                                    GMP(total_steps=100, ramp_steps=0.3, dense_steps=10), GMP(ramp_steps=40)])
 def test_json_round_trip(method):
     data = json.loads(json.dumps(method.to_dict()))
     assert data["version"] == 1 and data["method"] == method.name
@@ -152,3 +158,51 @@ def test_every_method_ends_hard_at_target(name, total, dense, fine, extra, targe
         s = method.state_at(step, target)
         assert 0.0 <= s.alpha <= 1.0
         assert s.pattern.density >= nmfx.Pattern.parse(target).density
+
+
+# -- gradual magnitude pruning -------------------------------------------------------------------
+
+def test_gmp_cubic_ramp_of_the_kept_count():
+    m = GMP(total_steps=1000)  # the ramp spans the first half of the sparse phase
+    assert m.ramp_length == 500
+    # k_t = N + round((M - N) (1 - t/500)^3) for 1:8
+    expected = {0: 8, 100: 1 + round(7 * 0.8 ** 3), 250: 1 + round(7 * 0.5 ** 3), 400: 1 + round(7 * 0.2 ** 3),
+                500: 1, 999: 1, 1000: 1}
+    assert {t: m.state_at(t, "1:8").pattern.n for t in expected} == expected
+    assert all(m.state_at(t, "1:8").pattern.m == 8 and m.state_at(t, "1:8").alpha == 0.0 for t in expected)
+    assert [str(p) for p in m.patterns("2:4")] == ["4:4", "3:4", "2:4"]
+    warm = GMP(total_steps=100, dense_steps=20, ramp_steps=0.25)  # ramp of 20 steps from step 20
+    assert warm.state_at(19, "1:4").phase == "dense" and warm.ramp_length == 20
+    assert [warm.state_at(t, "1:4").pattern.n for t in (20, 30, 40, 99)] == [4, 1 + round(3 * 0.5 ** 3), 1, 1]
+    assert GMP().ramp_length == 1000 and GMP().exact_gradient
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 400), st.sampled_from(["2:4", "1:8", "3:16", "1:32"]), st.floats(0.01, 1.0))
+def test_gmp_kept_count_never_grows(total, target, ramp):
+    m = GMP(total_steps=total, ramp_steps=ramp)
+    kept = [m.state_at(t, target).pattern.n for t in range(total + 2)]
+    pattern = nmfx.Pattern.parse(target)
+    assert kept[0] == pattern.m  # nothing pruned at the first step
+    assert all(a >= b for a, b in zip(kept, kept[1:])) and kept[-1] == pattern.n
+
+
+def test_gmp_training_prunes_monotonically_and_pruned_weights_get_no_gradient():
+    torch.manual_seed(0)
+    model = nmfx.sparsify(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 4)),
+                          "1:8", "gmp", total_steps=12, ramp_steps=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)  # large steps: a non-monotone mask would flip
+    g = torch.Generator().manual_seed(0)
+    previous = nmfx.masks(model)["0.weight"].clone()
+    assert bool(previous.all())  # k = M at step 0: nothing pruned yet
+    for _ in range(12):
+        opt.zero_grad()
+        model(torch.randn(16, 32, generator=g)).square().mean().backward()
+        mask = nmfx.masks(model)["0.weight"]
+        assert not model[0].weight.grad[~mask].any()  # pruned weights receive no gradient
+        opt.step()
+        nmfx.step(model)
+        mask = nmfx.masks(model)["0.weight"]
+        assert not (mask & ~previous).any()  # a pruned weight never returns
+        previous = mask.clone()
+    assert torch.equal(mask.view(-1, 8).sum(-1), torch.ones(64 * 4, dtype=torch.int64))
