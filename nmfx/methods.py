@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
-from nmfx.pattern import Pattern, PatternLike
+from nmfx.pattern import MAX_M, Pattern, PatternLike
 
 __all__ = [
     "Method", "Dense", "STE", "SRSTE", "MDGF", "SDGF", "GMP", "ScheduleState", "METHODS", "resolve_method",
@@ -284,10 +284,16 @@ class SDGF(Method):
         stage_steps: without ``total_steps``, each stage lasts this many optimizer steps (default
             1,000), then the target pattern holds for good. With ``total_steps`` the stages split the
             sparse phase equally, as in the official code (give one or the other).
+        depth: ``geometric`` / ``densify`` only: the number of scaled stages before the target. Default
+            (None): ``min(log2(M/N), log2(128/M))``, so no stage is denser than the target's M allows or
+            wider than 128. ``depth=3`` is the official code's (always 4 stages: 1:32 runs
+            8:256 -> 4:128 -> 2:64 -> 1:32, 2:4 runs 16:32 -> 8:16 -> 4:8 -> 2:4); every stage's M must then
+            divide the layer's input width.
     """
 
     schedule: Union[str, Sequence[PatternLike]] = "stepwise"
     stage_steps: Optional[int] = None
+    depth: Optional[int] = None
     name: ClassVar[str] = "sdgf"
 
     def __post_init__(self) -> None:
@@ -299,6 +305,11 @@ class SDGF(Method):
             raise ValueError(f"sdgf: schedule={self.schedule!r}: expected 'stepwise', 'geometric', "
                              "'densify' or a non-empty list of patterns such as ['4:8', '2:8', '1:8']")
         super().__post_init__()
+        if self.depth is not None:
+            _check_int("depth", self.depth, minimum=0)
+            if self.schedule not in ("geometric", "densify"):
+                raise ValueError(f"sdgf: depth={self.depth} applies to the 'geometric' and 'densify' schedules, "
+                                 f"not {self.schedule!r}")
         if self.stage_steps is not None:
             _check_int("stage_steps", self.stage_steps, minimum=1)
             if self.total_steps is not None:
@@ -321,9 +332,14 @@ class SDGF(Method):
                     stages.append(k)
                 k //= 2
             return tuple(Pattern(s, m) for s in stages) + (target,)
-        depth = 0
-        while n << (depth + 1) <= m and m << (depth + 1) <= _MAX_SCHEDULE_M:
-            depth += 1
+        depth = self.depth
+        if depth is None:
+            depth = 0
+            while n << (depth + 1) <= m and m << (depth + 1) <= _MAX_SCHEDULE_M:
+                depth += 1
+        elif m << depth > MAX_M:
+            raise ValueError(f"sdgf: depth={depth} at {target} needs {n << depth if self.schedule == 'geometric' else n}"
+                             f":{m << depth} masks, but M is at most {MAX_M}; give a smaller depth")
         if self.schedule == "geometric":
             return tuple(Pattern(n << j, m << j) for j in range(depth, 0, -1)) + (target,)
         return tuple(Pattern(n, m << j) for j in range(depth, 0, -1)) + (target,)

@@ -51,7 +51,8 @@ def test_invalid_configs(kwargs):
 
 @pytest.mark.parametrize("method", [Dense(), STE(total_steps=9), SRSTE(srste_lambda=1e-3), MDGF(total_steps=50, decay="exponential"),
                                     SDGF(total_steps=100, schedule=["4:8", "2:8", "1:8"], dense_steps=0.1),
-                                    GMP(total_steps=100, ramp_steps=0.3, dense_steps=10), GMP(ramp_steps=40)])
+                                    GMP(total_steps=100, ramp_steps=0.3, dense_steps=10), GMP(ramp_steps=40),
+                                    SDGF(total_steps=40, schedule="geometric", depth=3)])
 def test_json_round_trip(method):
     data = json.loads(json.dumps(method.to_dict()))
     assert data["version"] == 1 and data["method"] == method.name
@@ -124,6 +125,26 @@ def test_mdgf_fits_total_steps_and_ends_hard(decay):
 ])
 def test_sdgf_stages(target, schedule, expected):
     assert [str(p) for p in SDGF(total_steps=10, schedule=schedule).patterns(target)] == expected
+
+
+@pytest.mark.parametrize("target,schedule,depth,expected", [
+    ("1:32", "geometric", None, ["4:128", "2:64", "1:32"]),  # nmfx's default: no group wider than 128
+    ("1:32", "geometric", 3, ["8:256", "4:128", "2:64", "1:32"]),  # the official code's 4 stages
+    ("2:4", "geometric", 3, ["16:32", "8:16", "4:8", "2:4"]),
+    ("1:32", "densify", 3, ["1:256", "1:128", "1:64", "1:32"]),
+    ("1:8", "geometric", 0, ["1:8"]),
+])
+def test_sdgf_depth(target, schedule, depth, expected):
+    assert [str(p) for p in SDGF(total_steps=10, schedule=schedule, depth=depth).patterns(target)] == expected
+
+
+def test_sdgf_depth_is_checked():
+    with pytest.raises(ValueError, match="depth=3 applies to the 'geometric' and 'densify'"):
+        SDGF(depth=3)
+    with pytest.raises(ValueError, match="expected an integer >= 0"):
+        SDGF(schedule="geometric", depth=-1)
+    with pytest.raises(ValueError, match="M is at most 256"):
+        SDGF(schedule="geometric", depth=4).patterns("1:32")
 
 
 def test_sdgf_equal_stages_over_the_sparse_phase():
