@@ -7,6 +7,7 @@ step advances the schedules; ``nmfx.report(model)`` says what was done and why.
 
 from nmfx import ops  # registers torch.ops.nmfx.masked_linear
 from nmfx.api import graphs, is_sparsified, masks, sparsify, states, step
+from nmfx.refresh import refresh
 from nmfx.config import SparsifyConfig
 from nmfx.methods import MDGF, SDGF, SRSTE, STE, Dense, Method, resolve_method
 from nmfx.pattern import MAX_M, Pattern, nm_mask
@@ -19,7 +20,7 @@ from nmfx.prune import prune
 from nmfx.dense import to_dense
 
 __all__ = [
-    "sparsify", "step", "stats", "masks", "to_inference", "is_inference", "save", "load", "states", "graphs", "report", "is_sparsified", "to_networkx", "to_dot",
+    "sparsify", "step", "refresh", "stats", "masks", "to_inference", "is_inference", "save", "load", "states", "graphs", "report", "is_sparsified", "to_networkx", "to_dot",
     "prune", "to_dense", "MaskedLinear", "NMLinear", "SparsifyConfig",
     "Pattern", "nm_mask", "MAX_M", "Method", "Dense", "STE", "SRSTE", "MDGF", "SDGF", "resolve_method", "ops",
 ]

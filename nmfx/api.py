@@ -14,6 +14,7 @@ from nmfx.config import SparsifyConfig
 from nmfx.methods import Method
 from nmfx.packed import MAX_PACKED_M
 from nmfx.pattern import PatternLike
+from nmfx.refresh import refuse_unrefreshed_forward, require_refreshed
 from nmfx.report import SparsifyRecord
 from nmfx.state import (LEGACY_KEY, PRUNED_KEY, STATE_KEYS, STATE_SUFFIX, checkpoint_problems, dense_weight,
                         normalize_checkpoint)
@@ -74,6 +75,7 @@ def sparsify(
     rows = compiled.rows
     object.__setattr__(model, RECORD_ATTR, SparsifyRecord(config, rows, compiled.frontend, compiled.note))
     model.register_load_state_dict_pre_hook(_refuse_mismatched_checkpoint)
+    model.register_forward_pre_hook(refuse_unrefreshed_forward)
     if _is_transformers_model(model):
         from nmfx.integrations.hf import install_save_pretrained  # imports transformers: only for its models
 
@@ -92,7 +94,9 @@ def sparsify(
 
 def step(model: nn.Module) -> None:
     """Advance every sparsified weight's schedule by one optimizer step (call after ``opt.step()``):
-    the step counter, alpha / SR-STE lambda, and the mask (at the method's interval and stage changes)."""
+    the step counter, alpha / SR-STE lambda, and the mask (at the method's interval and stage changes).
+    Refused (RuntimeError) while a mask was never computed from real weights: see :func:`nmfx.refresh`."""
+    require_refreshed(model, "nmfx.step")
     for name, state in states(model).items():
         owner_name = name.rpartition(".")[0]
         owner = model.get_submodule(owner_name) if owner_name else model
@@ -108,6 +112,9 @@ def _refuse_mismatched_checkpoint(module, state_dict, prefix, local_metadata, st
     dict: format 1's config string, and the effective-weight layout of nmfx's ``save_pretrained``."""
     found = states(module)
     incoming = _nmfx_entries(state_dict, prefix, found)
+    if not incoming and found and all(state.needs_refresh is not None for state in found.values()):
+        _accept_dense_weights(state_dict, prefix, found)
+        return
     problems = []
     for name, state in found.items():
         problems += [f"{name}: {problem}" for problem in
@@ -122,7 +129,8 @@ def _refuse_mismatched_checkpoint(module, state_dict, prefix, local_metadata, st
         if any("dense model" in problem for problem in problems):
             advice += ("\nTo start from a dense checkpoint, load it into the model before nmfx.sparsify (build the "
                       "model, load_state_dict, then sparsify); load_state_dict(strict=False) does not skip this "
-                      "check, since torch runs load hooks with strict=True.")
+                      "check, since torch runs load hooks with strict=True. A model sparsified on the meta device "
+                      "and materialized with to_empty takes a dense checkpoint whole; then call nmfx.refresh(model).")
         raise ValueError("refusing to load this checkpoint into the nmfx-sparsified model; nothing was loaded:\n  "
                          + "\n  ".join(problems[:20])
                          + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "") + advice)
@@ -135,6 +143,18 @@ def _refuse_mismatched_checkpoint(module, state_dict, prefix, local_metadata, st
         normalized = normalize_checkpoint(state, entries)
         state_dict.update({base + key: value for key, value in normalized.items()})
         state.mark_checked(normalized)
+
+
+def _accept_dense_weights(state_dict, prefix: str, found) -> None:
+    """A checkpoint without any nmfx state, loaded into a model whose masks were never computed (built on the
+    meta device): the weights load; each state's own buffers are put back under its keys (so a strict load
+    finds no key missing, and nothing of the state changes) and it still needs :func:`nmfx.refresh`."""
+    for name, state in found.items():
+        buffers = {key: getattr(state, key) for key in STATE_KEYS}
+        state_dict.update({f"{prefix}{name}{STATE_SUFFIX}.{key}": value for key, value in buffers.items()})
+        state.mark_checked(buffers)
+        if prefix + name in state_dict:
+            state.needs_refresh = "dense weights were loaded into it since"
 
 
 def _nmfx_entries(state_dict, prefix: str, names) -> dict[str, dict[str, Any]]:

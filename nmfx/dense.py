@@ -24,6 +24,7 @@ from nmfx.api import is_sparsified, record, states
 from nmfx.inference import is_inference, packed_layers
 from nmfx.packed import PackedNMWeight
 from nmfx.pattern import nm_mask
+from nmfx.refresh import require_refreshed
 from nmfx.state import STATE_SUFFIX, NMState
 
 __all__ = ["to_dense"]
@@ -76,6 +77,7 @@ def to_dense(model: nn.Module, into: Optional[nn.Module] = None, *, force: bool 
 
 def _effective_training(model: nn.Module, force: bool, pattern: str) -> dict[str, Tensor]:
     """``{name: tensor}`` of every parameter and buffer outside nmfx states, weights folded with their masks."""
+    require_refreshed(model, "nmfx.to_dense")
     found = states(model)
     unfinished = [name for name, s in found.items() if s.schedule.alpha != 0.0 or s.schedule.pattern != s.pattern]
     if unfinished and not force:

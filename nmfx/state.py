@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from nmfx.methods import Method, ScheduleState, resolve_method
 from nmfx.pattern import Pattern, nm_mask
 
-__all__ = ["NMState", "STATE_SUFFIX", "FORMAT_VERSION", "STATE_KEYS", "PRUNED_KEY", "LEGACY_KEY",
+__all__ = ["NMState", "REFRESH_ADVICE", "STATE_SUFFIX", "FORMAT_VERSION", "STATE_KEYS", "PRUNED_KEY", "LEGACY_KEY",
            "checkpoint_problems", "normalize_checkpoint", "dense_weight", "pruned_values", "mask_problem",
            "config_mismatch"]
 
@@ -46,6 +46,10 @@ PRUNED_KEY = "pruned"
 #: Format 1's config entry (a JSON string).
 LEGACY_KEY = "_extra_state"
 _MAX_CONFIG_BYTES = 1 << 16
+#: The fix named by every refusal of a state that was never computed from real weights.
+REFRESH_ADVICE = ("call nmfx.refresh(model) once the weights are loaded or initialised (after to_empty); it computes "
+                  "every mask from the current weights and starts the schedules at step 0 (to resume a run, load its "
+                  "checkpoint instead)")
 
 
 class NMState(nn.Module):
@@ -69,22 +73,60 @@ class NMState(nn.Module):
         self._schedule_at: Optional[tuple[int, ScheduleState]] = None  # (step, schedule) of the last read
         self.dim = dim % weight.dim()
         self.weight_shape = tuple(weight.shape)
-        device = weight.device
-        self.register_buffer("mask", torch.ones(weight.shape, dtype=torch.bool, device=device))
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
-        self.register_buffer("alpha", torch.ones((), dtype=torch.float32, device=device))
-        self.register_buffer("srste_lambda", torch.zeros((), dtype=torch.float32, device=device))
-        self.register_buffer("config", _encode_config(self.config_dict()).to(device))
-        # The mask flip rate of the last refresh, for nmfx.stats (not saved: it is a measurement).
-        self.register_buffer("last_flip_rate", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
         self._checked: dict[str, weakref.ref] = {}
+        #: Why the buffers hold no state computed from real weights (None once they do): set when built on the
+        #: meta device or materialized by ``to_empty``, cleared by :meth:`restart` (``nmfx.refresh``) or by
+        #: loading a checked nmfx checkpoint. A Python attribute, so no buffer contents can fake it.
+        self.needs_refresh: Optional[str] = None
+        self._allocate(weight.device)
+        if weight.is_meta:  # nothing to compute from: the buffers stay on meta until nmfx.refresh
+            self.needs_refresh = "it was built on the meta device"
+        else:
+            self.restart(weight)
+
+    def _allocate(self, device: torch.device) -> None:
+        """(Re)create the buffers on ``device``, uninitialised (:meth:`restart` fills them)."""
+        shape = self.weight_shape
+        self.register_buffer("mask", torch.empty(shape, dtype=torch.bool, device=device))
+        self.register_buffer("step", torch.empty((), dtype=torch.int64, device=device))
+        self.register_buffer("alpha", torch.empty((), dtype=torch.float32, device=device))
+        self.register_buffer("srste_lambda", torch.empty((), dtype=torch.float32, device=device))
+        self.register_buffer("config", torch.empty(len(_encode_config(self.config_dict())), dtype=torch.uint8,
+                                                   device=device))
+        # The mask flip rate of the last refresh, for nmfx.stats (not saved: it is a measurement).
+        self.register_buffer("last_flip_rate", torch.empty((), dtype=torch.float32, device=device), persistent=False)
+
+    @torch.no_grad()
+    def restart(self, weight: Tensor) -> None:
+        """Start the schedule over from the current ``weight``: step 0, its alpha / lambda, the config, and
+        the mask of ``weight`` at step 0's pattern (what building the state from ``weight`` gives). Buffers
+        on the meta device are allocated on the weight's device first. ``weight`` may be an FSDP2 shard
+        (then this is a collective: it gathers the full weight)."""
+        if weight.is_meta:
+            raise RuntimeError(f"cannot compute the mask of {self.param_name}: its weight is on the meta device "
+                               "(materialize the model with to_empty and load or initialise its weights first)")
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"{self.param_name} has shape {tuple(weight.shape)}, its nmfx state {self.weight_shape}")
+        if any(buffer.is_meta for buffer in self.buffers()):
+            self._allocate(weight.device)
+        self.step.zero_()
+        self.config.copy_(_encode_config(self.config_dict()))
+        self.needs_refresh = None
+        self._schedule_at = None
+        self._mask_pattern = None
         self.refresh(weight, force=True)
 
     # -- schedule -------------------------------------------------------------------------------
     @property
     def schedule(self) -> ScheduleState:
         """What the method prescribes at the current step (computed once per step value)."""
+        if self.needs_refresh is not None:
+            raise RuntimeError(f"the nmfx state of {self.param_name!r} was never computed from real weights "
+                               f"({self.needs_refresh}): {REFRESH_ADVICE}")
         step = int(self.step)
+        if step < 0:  # uninitialised memory that nothing flagged (a to_empty nmfx could not see)
+            raise RuntimeError(f"the nmfx state of {self.param_name!r} holds step {step}, not a step count "
+                               f"(uninitialised memory?): {REFRESH_ADVICE}")
         cached = getattr(self, "_schedule_at", None)
         if cached is None or cached[0] != step:
             cached = self._schedule_at = (step, self.method.state_at(step, self.pattern))
@@ -119,6 +161,7 @@ class NMState(nn.Module):
     @torch.no_grad()
     def advance(self, weight: Tensor) -> None:
         """One optimizer step has been taken: advance the schedule and refresh the mask."""
+        self.schedule  # noqa: B018  (raises, before any change, when the state was never computed)
         self.step += 1
         self.refresh(weight)
 
@@ -150,10 +193,32 @@ class NMState(nn.Module):
             for key in (LEGACY_KEY, PRUNED_KEY):
                 state_dict.pop(prefix + key, None)
             state_dict.update({prefix + key: value for key, value in normalize_checkpoint(self, entries).items()})
+        # A checked, complete nmfx state from elsewhere makes these buffers real; its own buffers put back
+        # (the dense-weights load, see nmfx.api) prove nothing.
+        loaded = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        restores = set(STATE_KEYS) <= loaded.keys() and any(
+            value is not getattr(self, key, None) for key, value in loaded.items() if key in STATE_KEYS)
+        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        # The mask was computed at a step's pattern: remember it so the next refresh knows.
-        self._mask_pattern = self.schedule.pattern
+        if restores and len(error_msgs) == errors and not self.mask.is_meta:
+            self.needs_refresh = None
+        if self.needs_refresh is None:
+            # The mask was computed at a step's pattern: remember it so the next refresh knows.
+            self._mask_pattern = self.schedule.pattern
+
+    def _apply(self, fn, recurse: bool = True):
+        """``to``/``cuda``/``to_empty``...: buffers that leave or reach the meta device, or that ``to_empty``
+        replaced, hold no computed state any more."""
+        was_meta = self.mask.is_meta
+        out = super()._apply(fn, recurse)
+        if self.mask.is_meta:
+            self.needs_refresh = "its buffers are on the meta device"
+        elif was_meta:
+            self.needs_refresh = "its buffers were materialized from the meta device and hold uninitialised memory"
+        elif getattr(fn, "__qualname__", "").startswith("Module.to_empty."):
+            self.needs_refresh = "to_empty left its buffers uninitialised"
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
