@@ -85,12 +85,123 @@ def _run(rank: int, mode: str, out: str) -> None:
                     "resumed": resumed_ok}, out)
 
 
+# -- the large-model flow (issue 14): meta device, sparsify, fully_shard, to_empty, load, refresh --------------
+FLOW_STEPS, FLOW_MORE = 3, 2  # steps before the DCP checkpoint, and after it
+
+
+def _llama_config():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                                    bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
+def _dense_llama_state() -> dict:
+    """The 'pretrained' dense checkpoint (float64: the 2-rank run then matches the 1-process run closely)."""
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(_llama_config()).to(torch.float64).state_dict()
+
+
+def _meta_llama() -> nn.Module:
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(_llama_config()).to(torch.float64)
+    return nmfx.sparsify(model, "1:8", "sdgf", total_steps=8)
+
+
+def _materialize(model: nn.Module) -> None:
+    """to_empty, then the rotary frequencies (non-persistent buffers: in no checkpoint) computed again."""
+    model.to_empty(device="cpu")
+    rotary = model.model.rotary_emb
+    with torch.no_grad():
+        for name, buffer in type(rotary)(model.config).named_buffers():
+            getattr(rotary, name).copy_(buffer)
+
+
+def _shard_llama(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def _lm_batch(step: int) -> torch.Tensor:
+    return torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(200 + step))
+
+
+def _train_lm(model, opt, steps, start, rank=0, world=1):
+    for step in range(start, start + steps):
+        ids = _lm_batch(step).chunk(world)[rank]
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        nmfx.step(model)
+
+
+def _lm_optimizer(model):
+    return torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+
+
+def _run_meta_flow(rank: int, out: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                         set_state_dict)
+
+    def build():
+        model = _shard_llama(_meta_llama())
+        _materialize(model)
+        return model, _lm_optimizer(model)
+
+    model, opt = build()
+    full = _dense_llama_state() if rank == 0 else {}  # only rank 0 reads the dense checkpoint
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    refused_before_refresh = False
+    try:
+        nmfx.step(model)
+    except RuntimeError as error:
+        refused_before_refresh = "nmfx.refresh(model)" in str(error)
+    nmfx.refresh(model)
+    _train_lm(model, opt, FLOW_STEPS, 0, rank, WORLD)
+    checkpoint = os.path.join(os.path.dirname(out), "dcp")
+    model_state, optim_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=checkpoint)
+    _train_lm(model, opt, FLOW_MORE, FLOW_STEPS, rank, WORLD)
+
+    resumed, opt_resumed = build()
+    model_state, optim_state = get_state_dict(resumed, opt_resumed)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=checkpoint)
+    set_state_dict(resumed, opt_resumed, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    _train_lm(resumed, opt_resumed, FLOW_MORE, FLOW_STEPS, rank, WORLD)
+
+    masks = {k: v.clone() for k, v in nmfx.masks(model).items()}
+    weights = {k: _full(v.detach()).clone() for k, v in model.named_parameters()}
+    found = nmfx.states(model)
+    follows = all(torch.equal(masks[k], nmfx.nm_mask(weights[k], found[k].schedule.pattern, dim=found[k].dim))
+                  for k in masks)
+    resumed_same = all(torch.equal(a, b) for a, b in zip(nmfx.masks(model).values(), nmfx.masks(resumed).values()))
+    resumed_same &= all(torch.equal(_full(a.detach()), _full(b.detach()))
+                        for a, b in zip(model.parameters(), resumed.parameters()))
+    resumed_same &= all(int(a.step) == int(b.step) == FLOW_STEPS + FLOW_MORE
+                        for a, b in zip(found.values(), nmfx.states(resumed).values()))
+    local_mask_elements = sum(mask.numel() for mask in nmfx.masks(model).values())
+    if rank == 0:
+        torch.save({"masks": masks, "weights": weights, "follows": follows, "resumed": resumed_same,
+                    "refused": refused_before_refresh, "local_mask_elements": local_mask_elements}, out)
+
+
 def _worker(rank: int, mode: str, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        _run(rank, mode, out)
+        _run_meta_flow(rank, out) if mode == "meta_flow" else _run(rank, mode, out)
         # The models (and FSDP2's device mesh) die here, while the process group is alive: a gloo
         # group that outlives them is torn down at interpreter exit instead, where its worker
         # threads can abort the process ("terminate called without an active exception").
@@ -173,3 +284,37 @@ def test_example_checkpoints_and_resumes_exactly(engine, tmp_path):
     assert straight["model"].keys() == resumed["model"].keys()
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
+
+
+def _single_process_meta_flow():
+    """The same flow on one process without FSDP2, on the whole batch."""
+    model = _meta_llama()
+    _materialize(model)
+    model.load_state_dict(_dense_llama_state())  # a dense checkpoint: the documented path before refresh
+    nmfx.refresh(model)
+    _train_lm(model, _lm_optimizer(model), FLOW_STEPS + FLOW_MORE, 0)
+    return nmfx.masks(model), {k: v.detach() for k, v in model.named_parameters()}
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_meta_device_flow_under_fsdp2_matches_single_process():
+    """Issue 14's large-model flow on 2 ranks: a transformers Llama built on meta, sparsified, fully_shard per
+    block and root, to_empty, the dense weights broadcast from rank 0 (set_model_state_dict), refused training
+    until nmfx.refresh, steps, a DCP checkpoint, more steps; a run resumed from the checkpoint ends identical,
+    and both match one process running the same flow (float64)."""
+    pytest.importorskip("transformers")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank0.pt")
+        mp.start_processes(_worker, args=("meta_flow", _free_port(), out), nprocs=WORLD, start_method="spawn")
+        result = torch.load(out, weights_only=False)
+    assert result["refused"], "nmfx.step before nmfx.refresh was not refused with the fix named"
+    assert result["follows"], "a mask is not the N:M mask of its (full) parameter"
+    assert result["resumed"], "the run resumed from the DCP checkpoint diverged from the uninterrupted one"
+    ref_masks, ref_weights = _single_process_meta_flow()
+    assert result["masks"].keys() == ref_masks.keys() and len(ref_masks) == 14
+    for name, mask in result["masks"].items():
+        assert torch.equal(mask, ref_masks[name]), name
+    assert result["weights"].keys() == ref_weights.keys()
+    for name, weight in result["weights"].items():
+        assert weight.dtype == torch.float64
+        torch.testing.assert_close(weight, ref_weights[name], rtol=1e-12, atol=1e-13, msg=name)
