@@ -31,6 +31,15 @@ SDGF geometric, whose stages keep the density N/M) reuse their equal-steps run.
 
     python benchmarks/accuracy.py                  # default study (246 runs; ~37 min estimated, 1 thread)
     python benchmarks/accuracy.py --quick          # smoke configuration (< 3 min), writes to --out
+    python benchmarks/accuracy.py --design --tiers 1 2 3   # the controlled study (vision, 5 seeds, 1,000 steps)
+    python benchmarks/accuracy.py --design --quick --out /tmp/d   # its smoke configuration
+
+The controlled study (``--design``, :func:`design_arms`) adds the arms a skeptic asks for: SR-STE / STE with
+a dense warm-up matched to MDGF-linear's dense time, gradual magnitude pruning (``method="gmp"``), MDGF's
+decay-fraction ablation, dense-pretrain -> sparse fine-tune, a learning-rate sweep, 1:32. Runs already in
+OUT/accuracy.json (same task, method, variant, pattern, seed, steps, budget, options, lr, init) are skipped
+and the JSON is rewritten after every run, so a study can be stopped and resumed; ``--max-runs`` caps one
+invocation. ``benchmarks/study_stats.py`` tests the comparisons (paired t, Holm, 95 % CIs).
     python benchmarks/accuracy.py --device cuda --scale 4    # wider models, 4x steps, on a GPU
     python benchmarks/accuracy.py --from-json a.json b.json  # no training: rebuild tables / plots / write-up
 
@@ -118,6 +127,102 @@ QUICK = StudyConfig(
     lm=dict(dim=128, depth=1, heads=4, context=32, steps=60, batch=8, lr=3e-3, weight_decay=0.01,
             corpus_chars=200_000, val_windows=32),
 )
+
+
+#: The controlled study (``--design``): vision only, 5 seeds, 1,000 steps, the arms of :func:`design_arms`.
+DESIGN = StudyConfig(
+    name="design", seeds=5, patterns=("1:8", "1:16"), tasks=("vision",),
+    vision=dict(DEFAULT.vision, steps=1000), lm=dict(DEFAULT.lm, steps=1000),
+)
+DESIGN_QUICK = StudyConfig(
+    name="design-quick", seeds=1, patterns=("1:8",), tasks=("vision",),
+    vision=dict(QUICK.vision, steps=40), lm=dict(QUICK.lm, steps=40),
+)
+#: The one pattern the ablations (tiers 3-4) run at.
+ABLATION_PATTERN = "1:16"
+#: MDGF-linear's default decays over this fraction of the sparse phase (nmfx.methods._DECAY_FRACTION): a
+#: dense warm-up of this fraction gives SR-STE / STE the same steps with the pruned weights in the forward
+#: (alpha > 0) and the same training FLOPs as MDGF-linear (paper counting).
+MDGF_DECAY_FRACTION = 0.5
+
+
+#: The dense-pretrain -> sparse-fine-tune setting: the dense model trained for the task's steps, then each
+#: recipe fine-tunes it for this fraction of them at :data:`FINETUNE_LR` (warm-up + cosine as every run).
+FINETUNE_FRACTION = 0.5
+FINETUNE_LR = 1e-3
+#: The learning-rate sweep (tier 5) around the task's lr (3e-3), at :data:`ABLATION_PATTERN`.
+LR_SWEEP = (1e-3, 1e-2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One arm of the controlled study: a recipe, where it runs, and its tier (the order of the runs)."""
+
+    tier: int
+    method: str
+    variant: Optional[str]
+    options: dict
+    patterns: Optional[tuple[str, ...]] = None  # None: every pattern of the configuration
+    lr: Optional[float] = None  # None: the task's lr
+    init: Optional[str] = None  # "dense-pretrain": fine-tune the cached dense model of the same seed
+
+
+def design_arms(steps: int, ablation: str = ABLATION_PATTERN, extra: str = "1:32") -> list[Arm]:
+    """The arms of the controlled study, by tier.
+
+    1 the core comparison and its confound control; 2 the gradual-magnitude-pruning baseline; 3 ablations at
+    ``ablation`` (the other way to match the dense time; MDGF's decay fraction); 4 dense-pretrain -> sparse
+    fine-tune at ``ablation``; 5 a learning-rate sweep of SR-STE and MDGF-linear at ``ablation``; 6 the STE
+    controls; 7 tiers 1-2 at ``extra`` (1:32); 8 the other decay recipes. The matched warm-ups:
+
+    * ``warmup50``: ``dense_steps = 0.5 * steps``, the steps at which MDGF-linear (default) still has
+      alpha > 0 -- equal steps with the pruned weights in the forward, equal training FLOPs (paper counting),
+      and the hard target mask from the same step on;
+    * ``warmup25``: ``dense_steps = 0.25 * steps`` = the sum of MDGF-linear's alpha over the run (its
+      dense-equivalent time, integral of alpha dt = 0.5 * 0.5 * steps).
+    """
+    half, quarter = MDGF_DECAY_FRACTION, MDGF_DECAY_FRACTION / 2
+    at, ft = (ablation,), "dense-pretrain"
+    core = [
+        ("srste", None, {}), ("srste", "warmup50", {"dense_steps": half}), ("mdgf", "linear", {"decay": "linear"}),
+        ("sdgf", "stepwise", {"schedule": "stepwise"}),
+    ]
+    arms = [Arm(1, m, v, o) for m, v, o in core] + [Arm(2, "gmp", None, {})]
+    arms += [
+        Arm(3, "srste", "warmup25", {"dense_steps": quarter}, at),
+        Arm(3, "mdgf", "linear-f25", {"decay": "linear", "decay_coef": 1 / (0.25 * steps)}, at),
+        Arm(3, "mdgf", "linear-f75", {"decay": "linear", "decay_coef": 1 / (0.75 * steps)}, at),
+        Arm(6, "ste", None, {}, at),
+        Arm(6, "ste", "warmup50", {"dense_steps": half}, at),
+        Arm(8, "mdgf", "exponential", {"decay": "exponential"}, at),
+        Arm(8, "sdgf", "geometric", {"schedule": "geometric"}, at),
+    ]
+    arms += [Arm(4, m, v, o, at, FINETUNE_LR, ft) for m, v, o in
+             [("dense", None, {}), ("srste", None, {}), ("ste", None, {}), ("mdgf", "linear", {"decay": "linear"}),
+              ("sdgf", "stepwise", {"schedule": "stepwise"}), ("gmp", None, {})]]
+    arms += [Arm(5, m, v, o, at, lr) for lr in LR_SWEEP for m, v, o in core if v != "warmup50" and m != "sdgf"]
+    arms += [Arm(7, m, v, o, (extra,)) for m, v, o in core] + [Arm(7, "gmp", None, {}, (extra,))]
+    return arms
+
+
+def plan_design(config: StudyConfig, tasks: dict[str, Any], tiers: tuple[int, ...]) -> list[RunSpec]:
+    """The controlled study's runs, tier by tier, seed by seed (a run cut short leaves balanced cells)."""
+    specs: list[RunSpec] = []
+    ablation = ABLATION_PATTERN if ABLATION_PATTERN in config.patterns else config.patterns[-1]
+    for tier in sorted(tiers):
+        for name in config.tasks:
+            steps = tasks[name].cfg["steps"]
+            arms = [arm for arm in design_arms(steps, ablation) if arm.tier == tier]
+            for seed in range(config.seeds):
+                if tier == 1:
+                    specs.append(RunSpec(name, "dense", None, {}, None, seed, steps, config=config.name))
+                for arm in arms:
+                    run_steps = round(FINETUNE_FRACTION * steps) if arm.init else steps
+                    for pattern in arm.patterns or config.patterns:
+                        specs.append(RunSpec(name, arm.method, arm.variant, dict(arm.options),
+                                             None if arm.method == "dense" else pattern, seed, run_steps,
+                                             lr=arm.lr, init=arm.init, config=config.name))
+    return specs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,17 +426,58 @@ class RunSpec:
     steps: int
     budget: str = "steps"  # "steps" (the shared step budget) or "flops" (shortened to SR-STE's FLOPs)
     flops_budget: Optional[float] = None
+    lr: Optional[float] = None  # None: the task's lr
+    init: Optional[str] = None  # None: from scratch; "dense-pretrain": from the cached dense model of this seed
+    config: str = ""  # the study configuration that planned the run (recorded; design runs say "design")
+
+    @property
+    def key(self) -> str:
+        """What makes a run unique (runs with this key already in the JSON are skipped)."""
+        return run_key(self.task, self.method, self.variant, self.pattern, self.seed, self.steps, self.budget,
+                       self.options, self.lr, self.init)
 
     @property
     def label(self) -> str:
         name = self.method + (f"-{self.variant}" if self.variant else "")
-        return f"{self.task} {self.pattern or 'dense'} {name} s{self.seed}" + (" iso" if self.budget == "flops" else "")
+        return (f"{self.task} {self.pattern or 'dense'} {name} s{self.seed}" + (" iso" if self.budget == "flops" else "")
+                + (f" lr={self.lr:g}" if self.lr is not None else "") + (f" from {self.init}" if self.init else ""))
+
+
+_PRETRAINED: dict[tuple, tuple[dict, float]] = {}
+
+
+def pretrained_dense(task, seed: int) -> tuple[dict, float]:
+    """(state_dict, metric) of the plain dense model trained for the task's steps from ``seed`` (no nmfx; the
+    dense recipe's lr, schedule and batches). Computed once per process and kept in memory."""
+    c = task.cfg
+    key = (task.name, seed, json.dumps(c, sort_keys=True))
+    if key not in _PRETRAINED:
+        torch.manual_seed(seed)
+        model = task.model()
+        opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, c["steps"]))
+        gen = torch.Generator().manual_seed(1000 + seed)
+        model.train()
+        for _ in range(c["steps"]):
+            opt.zero_grad(set_to_none=True)
+            task.loss(model, task.batch(gen)).backward()
+            opt.step()
+            sched.step()
+        _PRETRAINED[key] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, task.evaluate(model))
+    return _PRETRAINED[key]
 
 
 def run_one(spec: RunSpec, task, fwd, diag_points: int = 100, curve_points: int = 4) -> dict[str, Any]:
     c = task.cfg
+    init_metric = None
+    if spec.init is not None:
+        if spec.init != "dense-pretrain":
+            raise ValueError(f"{spec.label}: unknown init {spec.init!r} (expected None or 'dense-pretrain')")
+        state, init_metric = pretrained_dense(task, spec.seed)
     torch.manual_seed(spec.seed)
     model = task.model()
+    if spec.init is not None:
+        model.load_state_dict(state)
     pattern = spec.pattern or "2:4"  # dense: nmfx tracks a mask of some pattern; it never touches the weights
     start = time.perf_counter()
     nmfx.sparsify(model, pattern, spec.method, example_inputs=(task.example(),), total_steps=spec.steps, **spec.options)
@@ -340,9 +486,10 @@ def run_one(spec: RunSpec, task, fwd, diag_points: int = 100, curve_points: int 
     if not expected or sparsified != expected:
         raise RuntimeError(f"{spec.label}: nmfx sparsified {sorted(sparsified)}, expected every block projection "
                            f"{sorted(expected)}\n{nmfx.report(model)}")
-    opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
+    lr = spec.lr if spec.lr is not None else c["lr"]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=c["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, spec.steps))
-    gen = torch.Generator().manual_seed(1000 + spec.seed)
+    gen = torch.Generator().manual_seed(1000 + spec.seed + (4000 if spec.init else 0))  # fine-tune: fresh batches
     diag_every = max(1, spec.steps // diag_points)
     curve_at = {max(1, round(spec.steps * (i + 1) / curve_points)) for i in range(curve_points)}
     losses, diag, curve = [], [], []
@@ -392,8 +539,23 @@ def run_one(spec: RunSpec, task, fwd, diag_points: int = 100, curve_points: int 
         "curve": curve, "diag": diag, "diag_fields": ["step", "grad_norm_pruned/kept", "flip_rate", "alpha", "sparsity"],
         "options": spec.options, "sparsified": len(sparsified),
         "model": {k_: v for k_, v in c.items() if k_ in ("dim", "depth", "heads", "context")},
-        "batch": c["batch"], "lr": c["lr"], "data": task.info,
+        "batch": c["batch"], "lr": lr, "data": task.info, "init": spec.init, "init_metric": init_metric,
     }
+
+
+def run_key(task: str, method: str, variant: Optional[str], pattern: Optional[str], seed: int, steps: int,
+            budget: str, options: dict, lr: Optional[float], init: Optional[str] = None) -> str:
+    """The identity of a run: task, method, variant, pattern, seed, steps, budget, nmfx options, lr, init."""
+    return json.dumps([task, method, variant, pattern, seed, steps, budget, options,
+                       None if lr is None else float(lr), init], sort_keys=True)
+
+
+def record_key(record: dict, default_lr: Optional[float] = None) -> str:
+    """:func:`run_key` of a record in accuracy.json (its lr counts as "the task's" when it is the default)."""
+    lr = record.get("lr")
+    return run_key(record["task"], record["method"], record["variant"], record["pattern"], record["seed"],
+                   record["steps"], record["budget"], record.get("options", {}),
+                   None if lr is None or lr == default_lr else lr, record.get("init"))
 
 
 def lr_factor(step: int, steps: int, warmup: float = 0.1) -> float:
@@ -559,6 +721,121 @@ def _records_of(rs, task, method, variant, pattern, budget):
     return [r for r in rs if match(r, budget)]
 
 
+def is_design(record: dict) -> bool:
+    """Whether a record belongs to the controlled study (``--design``) rather than the default grid."""
+    return str(record.get("config", "")).startswith("design")
+
+
+#: Row order and labels of the controlled study's tables (variants not listed sort after these).
+DESIGN_ROWS = (
+    ("dense", None, "dense (reference)"),
+    ("srste", None, "SR-STE"),
+    ("srste", "warmup50", "SR-STE + dense warm-up 50 % (MDGF-linear's alpha > 0 time; equal FLOPs)"),
+    ("srste", "warmup25", "SR-STE + dense warm-up 25 % (= sum of MDGF-linear's alpha)"),
+    ("ste", None, "STE"),
+    ("ste", "warmup50", "STE + dense warm-up 50 %"),
+    ("gmp", None, "GMP (cubic, kept per group M -> N over 50 %)"),
+    ("mdgf", "linear", "MDGF linear (decay over 50 %, default)"),
+    ("mdgf", "linear-f25", "MDGF linear, decay over 25 %"),
+    ("mdgf", "linear-f75", "MDGF linear, decay over 75 %"),
+    ("mdgf", "exponential", "MDGF exponential (default)"),
+    ("sdgf", "stepwise", "SDGF stepwise (default)"),
+    ("sdgf", "geometric", "SDGF geometric"),
+)
+
+
+def _design_label(method: str, variant: Optional[str]) -> str:
+    for m, v, label in DESIGN_ROWS:
+        if (m, v) == (method, variant):
+            return label
+    return _recipe_name(method, variant)
+
+
+def _design_recipes(rs: list[dict]) -> list[tuple[str, Optional[str]]]:
+    present = {(r["method"], r["variant"]) for r in rs}
+    known = [(m, v) for m, v, _ in DESIGN_ROWS if (m, v) in present]
+    return known + sorted(present - set(known), key=str)
+
+
+def design_tables(records: list[dict]) -> str:
+    """Mean, standard deviation and seed count of every arm of the controlled study, and its FLOPs."""
+    out = []
+    for task in [t for t in TASKS if any(r["task"] == t for r in records)]:
+        for init, steps, lr in sorted({(r.get("init") or "", r["steps"], r["lr"]) for r in records if r["task"] == task}):
+            rl = [r for r in records if r["task"] == task and (r.get("init") or "", r["steps"], r["lr"]) == (init, steps, lr)]
+            metric_name = rl[0]["metric_name"]
+            patterns = [p for p in ALL_PATTERNS if any(r["pattern"] == p for r in rl)]
+            digits = 3 if metric_name == "accuracy" else 2
+            head = "| recipe | " + " | ".join(f"{p} ({1 - _density(p):.0%})" for p in patterns) + " |"
+            sep = "| --- |" + " --- |" * len(patterns)
+            setting = f"fine-tuning the dense model ({init}), " if init else "from scratch, "
+            out.append(f"### {task}, {setting}{steps} steps, lr {lr:g}: {metric_name} "
+                       f"({'higher' if metric_name == 'accuracy' else 'lower'} is better), mean ± sample std "
+                       "[seeds]\n")
+            out += [head, sep]
+            dense_flops = [r["train_flops"] for r in rl if r["method"] == "dense"]
+            flop_rows = []
+            for method, variant in _design_recipes(rl):
+                cells, fcells = [], []
+                for p in patterns:
+                    pp = None if method == "dense" else p
+                    cell = [r for r in rl if r["method"] == method and r["variant"] == variant and r["pattern"] == pp]
+                    mean, std, n = _mean_std([r["metric"] for r in cell])
+                    cells.append(f"{mean:.{digits}f} ± {std:.{digits}f} [{n}]" if n else "–")
+                    if cell and dense_flops:
+                        fcells.append(f"{statistics.fmean(r['train_flops'] for r in cell) / statistics.fmean(dense_flops):.2f}×, "
+                                      f"{statistics.fmean(r['wall_s'] for r in cell):.0f} s")
+                    else:
+                        fcells.append("–")
+                out.append(f"| {_design_label(method, variant)} | " + " | ".join(cells) + " |")
+                flop_rows.append(f"| {_design_label(method, variant)} | " + " | ".join(fcells) + " |")
+            out.append(f"\n**Training FLOPs relative to dense (paper counting) and mean wall time per run** "
+                       f"({task}, {steps} steps)\n")
+            out += [head, sep] + flop_rows + [""]
+    return "\n".join(out)
+
+
+def plot_design(records: list[dict], out: Path) -> list[Path]:
+    """accuracy_design.png: every seed of every arm of the controlled study, per pattern."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plots (pip install -e \".[study]\")")
+        return []
+    def group(r: dict) -> tuple:
+        return r["task"], r["steps"], r["lr"], r.get("init") or ""
+
+    groups = sorted({group(r) for r in records}, key=str)
+    panels = [(g, p) for g in groups for p in ALL_PATTERNS
+              if any(group(r) == g and r["pattern"] == p for r in records)]
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2), squeeze=False)
+    for ax, ((task, steps, lr, init), pattern) in zip(axes[0], panels):
+        rs = [r for r in records if group(r) == (task, steps, lr, init)]
+        recipes = _design_recipes(rs)
+        for i, (method, variant) in enumerate(recipes):
+            vals = [r["metric"] for r in rs if r["method"] == method and r["variant"] == variant
+                    and r["pattern"] == (None if method == "dense" else pattern)]
+            if not vals:
+                continue
+            ax.scatter([i] * len(vals), vals, s=14, color="tab:blue", alpha=0.6)
+            mean, std, n = _mean_std(vals)
+            ax.errorbar([i + 0.18], [mean], yerr=[std], color="black", marker="_", ms=12, capsize=3)
+        ax.set_xticks(range(len(recipes)), [_recipe_name(m, v) for m, v in recipes], rotation=60, ha="right", fontsize=8)
+        ax.set_title(f"{task} {pattern}, {'fine-tune, ' if init else ''}{steps} steps, lr {lr:g}\n(dots: seeds; "
+                     "bar: mean ± std)", fontsize=9)
+        ax.set_ylabel("test accuracy" if rs[0]["metric_name"] == "accuracy" else "validation perplexity")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "accuracy_design.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 # ----------------------------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------------------------
@@ -657,13 +934,15 @@ def plot(records: list[dict], out: Path, diag_task: str = "lm") -> list[Path]:
 # ----------------------------------------------------------------------------------------------
 # Write-up
 # ----------------------------------------------------------------------------------------------
-def update_writeup(path: Path, provenance: str, table_md: str) -> None:
+def update_writeup(path: Path, blocks: dict[str, str]) -> None:
     """Replace the generated blocks of ACCURACY.md (the prose around them is hand-written)."""
     if not path.exists():
         print(f"{path} does not exist: not updating it")
         return
     text = path.read_text()
-    for key, body in (("provenance", provenance), ("tables", table_md)):
+    for key, body in blocks.items():
+        if not body:
+            continue
         begin, end = f"<!-- BEGIN GENERATED: {key} -->", f"<!-- END GENERATED: {key} -->"
         if begin in text and end in text:
             pre, rest = text.split(begin, 1)
@@ -676,7 +955,10 @@ def update_writeup(path: Path, provenance: str, table_md: str) -> None:
 # CLI
 # ----------------------------------------------------------------------------------------------
 def build_config(args: argparse.Namespace) -> StudyConfig:
-    base = QUICK if args.quick else DEFAULT
+    if args.design:
+        base = DESIGN_QUICK if args.quick else DESIGN
+    else:
+        base = QUICK if args.quick else DEFAULT
     vision, lm = dict(base.vision), dict(base.lm)
     for cfg in (vision, lm):
         cfg["dim"] = int(cfg["dim"] * args.scale)
@@ -701,7 +983,14 @@ def build_config(args: argparse.Namespace) -> StudyConfig:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke configuration: 1 seed, 2:4 and 1:16, one-block models, 120 / 60 steps")
+    parser.add_argument("--quick", action="store_true", help="smoke configuration: 1 seed, 2:4 and 1:16, one-block models, 120 / 60 steps "
+                        "(with --design: 1 seed, 1:8, 40 steps)")
+    parser.add_argument("--design", action="store_true",
+                        help="the controlled study: vision, 5 seeds, 1,000 steps, 1:8 and 1:16, the arms of design_arms()")
+    parser.add_argument("--tiers", type=int, nargs="+", default=list(range(1, 9)),
+                        help="with --design: which tiers of arms to run (1 core + matched warm-up, 2 GMP, 3 ablations, "
+                             "4 dense-pretrain -> fine-tune, 5 lr sweep, 6 STE controls, 7 1:32, 8 other decay recipes)")
+    parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs (resume later)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply model width and steps (e.g. 4 on a GPU)")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS))
@@ -712,6 +1001,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="torch.set_num_threads (default on CPU: 1 -- these models are too small to gain much from "
                              "2 threads, and 2 threads collapse when another process shares the cores)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--fresh", action="store_true",
+                        help="ignore OUT/accuracy.json (default: keep its runs and skip the planned runs it already has)")
     parser.add_argument("--writeup", type=Path, default=None,
                         help=f"update the generated sections of this write-up (default: {WRITEUP} unless --quick)")
     parser.add_argument("--no-writeup", action="store_true")
@@ -727,51 +1018,77 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_json:
         records = [r for path in args.from_json for r in json.loads(path.read_text())]
-        runs = {}
-        for r in records:
-            runs.setdefault(r.get("config", "?"), []).append(r)
-        provenance = ("Numbers from " + "; ".join(
-            f"the run `{name}` ({len(rs)} runs, tasks {', '.join(sorted({r['task'] for r in rs}))}, "
-            f"{sum(r['wall_s'] for r in rs) / 60:.1f} min of training on {rs[0].get('device', '?')}, "
-            f"{rs[0].get('threads', '?')} thread(s), torch {rs[0].get('torch', '?')})" for name, rs in runs.items())
-            + f", on {_cpu_name()}; regenerated with --from-json.")
-        return _write_outputs(args, records, provenance)
+        return _write_outputs(args, records, _provenance(records, "regenerated with --from-json"))
     config = build_config(args)
     started = time.perf_counter()
     tasks = {name: TASKS[name](getattr(config, name), args.device) for name in config.tasks}
     fwds = {name: forward_flops(task, task.model()) for name, task in tasks.items()}
-    specs = plan_runs(config, tasks, fwds)
-    print(f"accuracy study '{config.name}': {len(specs)} runs ({', '.join(config.tasks)}; patterns "
-          f"{' '.join(config.patterns)}; {config.seeds} seed(s); steps "
-          f"{', '.join(n + '=' + str(t.cfg['steps']) for n, t in tasks.items())}) on {args.device}, "
+    specs = plan_design(config, tasks, tuple(args.tiers)) if args.design else plan_runs(config, tasks, fwds)
+    path = args.out / "accuracy.json"
+    records = [] if args.fresh or not path.exists() else json.loads(path.read_text())
+    done = {record_key(r, tasks[r["task"]].cfg["lr"] if r["task"] in tasks else None) for r in records}
+    todo = [spec for spec in specs if spec.key not in done]
+    if args.max_runs is not None:
+        todo = todo[: args.max_runs]
+    print(f"accuracy study '{config.name}': {len(specs)} runs planned, {len(specs) - len(todo)} already in {path}, "
+          f"{len(todo)} to run ({', '.join(config.tasks)}; patterns {' '.join(config.patterns)}; {config.seeds} seed(s); "
+          f"steps {', '.join(n + '=' + str(t.cfg['steps']) for n, t in tasks.items())}) on {args.device}, "
           f"{torch.get_num_threads()} threads", flush=True)
-    records = []
-    bar = tqdm(specs, desc="runs", disable=args.no_progress, ncols=100)
+    machine = machine_info()
+    bar = tqdm(todo, desc="runs", disable=args.no_progress, ncols=100)
     for spec in bar:
         bar.set_postfix_str(spec.label)
         rec = run_one(spec, tasks[spec.task], fwds[spec.task])
-        rec.update(config=config.name, device=args.device, threads=torch.get_num_threads(), torch=torch.__version__)
+        rec.update(config=config.name, device=args.device, threads=torch.get_num_threads(), torch=torch.__version__,
+                   cpu=machine["cpu"], finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         records.append(rec)
+        _save_json(path, records)  # after every run: an interrupted study resumes from here
+        if args.no_progress:
+            print(f"done {spec.label} ({rec['wall_s']:.1f} s): {rec['metric_name']} {rec['metric']:.4f}", flush=True)
     total = time.perf_counter() - started
-    provenance = (f"Numbers from the run `{config.name}` ({len(records)} runs, {total / 60:.1f} min wall on "
-                  f"{args.device}, {_cpu_name()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
-                  f"{time.strftime('%Y-%m-%d')}).")
-    return _write_outputs(args, records, provenance, total)
+    print(f"{len(todo)} runs in {total / 60:.1f} min", flush=True)
+    return _write_outputs(args, records, _provenance(records), total)
+
+
+def _provenance(records: list[dict], note: str = "") -> str:
+    """Which runs (grouped by configuration) the numbers come from, on which CPU."""
+    runs: dict[str, list[dict]] = {}
+    for r in records:
+        runs.setdefault(r.get("config", "?"), []).append(r)
+    cpus = sorted({r["cpu"] for r in records if r.get("cpu")}) or [_cpu_name()]
+    return ("Numbers from " + "; ".join(
+        f"the run `{name}` ({len(rs)} runs, tasks {', '.join(sorted({r['task'] for r in rs}))}, "
+        f"{sum(r['wall_s'] for r in rs) / 60:.1f} min of training on {rs[0].get('device', '?')}, "
+        f"{rs[0].get('threads', '?')} thread(s), torch {rs[0].get('torch', '?')})" for name, rs in runs.items())
+        + f", on {' / '.join(cpus)}" + (f"; {note}." if note else "."))
+
+
+def _save_json(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(records, indent=1))
+    os.replace(tmp, path)
 
 
 def _write_outputs(args: argparse.Namespace, records: list[dict], provenance: str, total: Optional[float] = None) -> int:
-    (args.out / "accuracy.json").write_text(json.dumps(records, indent=1))
-    table_md = tables(records)
-    (args.out / "accuracy.md").write_text(f"# Accuracy study\n\n{provenance}\n\n{table_md}\n")
+    _save_json(args.out / "accuracy.json", records)
+    legacy = [r for r in records if not is_design(r)]
+    design = [r for r in records if is_design(r)]
+    table_md = tables(legacy) if legacy else ""
+    design_md = design_tables(design) if design else ""
+    (args.out / "accuracy.md").write_text(f"# Accuracy study\n\n{provenance}\n\n"
+                                         + (f"## Controlled study (--design)\n\n{design_md}\n\n" if design_md else "")
+                                         + (f"## Default study\n\n{table_md}\n" if table_md else ""))
     print()
-    print(table_md)
-    for path in plot(records, args.out, args.diag_task):
+    print(design_md or table_md)
+    written = plot(legacy, args.out, args.diag_task) if legacy else []
+    written += plot_design(design, args.out) if design else []
+    for path in written:
         print(f"wrote {path}")
     print(f"wrote {args.out / 'accuracy.json'} and {args.out / 'accuracy.md'} ({len(records)} runs"
           + (f", {total:.0f} s)" if total is not None else ")"))
     writeup = args.writeup or (None if args.quick else WRITEUP)
     if writeup and not args.no_writeup:
-        update_writeup(writeup, provenance, table_md)
+        update_writeup(writeup, {"provenance": provenance, "tables": table_md, "design": design_md})
         print(f"updated the generated sections of {writeup}")
     return 0
 

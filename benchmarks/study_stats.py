@@ -14,6 +14,12 @@ a trend at most. With 3 seeds a paired test
 has 2 degrees of freedom and Wilcoxon's smallest possible p is 0.25, so only large, consistent effects can
 pass.
 
+The controlled study's runs (``accuracy.py --design``, records whose ``config`` starts with "design") form
+their own family: within every setting (task, steps, lr, from scratch or from the dense model) each recipe is
+compared with SR-STE, and the control pairs of :data:`DESIGN_PAIRS` are compared directly (MDGF-linear vs
+SR-STE with the matched dense warm-ups, GMP vs the same, the decay-fraction ablation vs the default...).
+Holm runs across every comparison of that family at once.
+
 Writes ``<out>.json`` (every cell) and ``<out>.md`` (the tables) and prints the tables.
 """
 
@@ -31,6 +37,22 @@ DEFAULT_JSON = os.path.join(HERE, "results", "accuracy.json")
 DEFAULT_OUT = os.path.join(HERE, "results", "accuracy_stats")
 BASELINE = ("srste", None)
 PATTERN_ORDER = ["2:4", "1:4", "2:8", "1:8", "1:16", "1:32"]
+#: Direct comparisons in the controlled study, (recipe, baseline), besides every recipe vs SR-STE.
+DESIGN_PAIRS = (
+    (("mdgf", "linear"), ("srste", "warmup50")),  # equal alpha>0 time and FLOPs: gradual vs sudden
+    (("mdgf", "linear"), ("srste", "warmup25")),  # equal integral of alpha
+    (("gmp", None), ("srste", "warmup50")),
+    (("mdgf", "linear"), ("gmp", None)),
+    (("sdgf", "stepwise"), ("srste", "warmup50")),
+    (("ste", "warmup50"), ("ste", None)),
+    (("mdgf", "linear-f25"), ("mdgf", "linear")),
+    (("mdgf", "linear-f75"), ("mdgf", "linear")),
+)
+
+
+def is_design(run: dict[str, Any]) -> bool:
+    """Whether a record belongs to the controlled study (``accuracy.py --design``)."""
+    return str(run.get("config", "")).startswith("design")
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -72,10 +94,11 @@ def _key(run: dict[str, Any]) -> tuple:
 
 def cells(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One dict per (budget, task, pattern, recipe) compared with SR-STE at equal steps on shared seeds."""
+    runs = list(runs)
     metric: dict[tuple, dict[int, float]] = defaultdict(dict)
     higher_better: dict[str, bool] = {}
     for run in runs:
-        if run.get("pattern") is None:
+        if run.get("pattern") is None or is_design(run):
             continue
         metric[_key(run)][run["seed"]] = run["metric"]
         higher_better[run["task"]] = run["metric_name"] == "accuracy"
@@ -92,12 +115,49 @@ def cells(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         diffs = [sign * (by_seed[s] - baseline[s]) for s in seeds]
         out.append({"budget": budget, "task": task, "pattern": pattern, "method": method, "variant": variant,
                     "seeds": seeds, "differences": diffs, **paired_test(diffs)})
+    out += design_cells(runs)
     for budget in {c["budget"] for c in out}:
         family = [c for c in out if c["budget"] == budget]
         for cell, p in zip(family, holm([c["p_t"] for c in family])):
             cell["p_holm"] = p
-    out.sort(key=lambda c: (c["budget"] != "steps", c["task"], PATTERN_ORDER.index(c["pattern"])
-                            if c["pattern"] in PATTERN_ORDER else 99, c["method"], str(c["variant"])))
+    out.sort(key=lambda c: (c["budget"] != "steps", c["budget"] == "design", c.get("init") or "", c.get("steps", 0),
+                            c.get("lr", 0), c["task"], PATTERN_ORDER.index(c["pattern"])
+                            if c["pattern"] in PATTERN_ORDER else 99, str(c.get("vs")), c["method"], str(c["variant"])))
+    return out
+
+
+def _setting(run: dict[str, Any]) -> tuple:
+    return run["task"], run["steps"], run["lr"], run.get("init") or ""
+
+
+def design_cells(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The controlled study's comparisons (budget "design"): every recipe vs SR-STE, and DESIGN_PAIRS,
+    within each setting and pattern, paired on shared seeds."""
+    metric: dict[tuple, dict[int, float]] = defaultdict(dict)
+    higher_better: dict[str, bool] = {}
+    for run in runs:
+        if is_design(run) and run.get("pattern") is not None:
+            metric[_setting(run) + (run["pattern"], run["method"], run["variant"])][run["seed"]] = run["metric"]
+            higher_better[run["task"]] = run["metric_name"] == "accuracy"
+    out = []
+    groups = sorted({key[:5] for key in metric}, key=str)
+    for group in groups:
+        recipes = {key[5:] for key in metric if key[:5] == group}
+        pairs = [(r, BASELINE) for r in sorted(recipes, key=str) if r != BASELINE]
+        pairs += [pair for pair in DESIGN_PAIRS if pair not in pairs]
+        for recipe, base in pairs:
+            if recipe not in recipes or base not in recipes:
+                continue
+            mine, theirs = metric[group + recipe], metric[group + base]
+            seeds = sorted(set(mine) & set(theirs))
+            if len(seeds) < 2:
+                continue
+            task, steps, lr, init, pattern = group
+            sign = 1.0 if higher_better[task] else -1.0
+            diffs = [sign * (mine[s] - theirs[s]) for s in seeds]
+            out.append({"budget": "design", "task": task, "steps": steps, "lr": lr, "init": init or None,
+                        "pattern": pattern, "method": recipe[0], "variant": recipe[1], "vs": list(base),
+                        "seeds": seeds, "differences": diffs, **paired_test(diffs)})
     return out
 
 
@@ -131,7 +191,26 @@ def markdown(all_cells: list[dict[str, Any]], alpha: float, min_seeds: int) -> s
                          f"[{lo:+.3f}, {hi:+.3f}] | {c['p_t']:.3f} | {c['p_holm']:.3f} | {c['p_wilcoxon']:.3f} | "
                          f"{verdict(c, alpha, min_seeds)} |")
         lines.append("")
+    family = [c for c in all_cells if c["budget"] == "design"]
+    if family:
+        lines += [f"**Controlled study (accuracy.py --design)** — {len(family)} comparisons, Holm-corrected together; "
+                  "difference > 0 means the recipe is better than the one it is compared with (test accuracy as a "
+                  "fraction); 95 % CI: t interval of the mean paired difference", "",
+                  "| setting | pattern | recipe | vs | seeds | mean diff | 95 % CI | p (paired t) | p (Holm) | "
+                  "p (Wilcoxon) | verdict |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for c in family:
+            setting = (f"{c['task']}, {'fine-tune of dense, ' if c['init'] else ''}{c['steps']} steps, lr {c['lr']:g}")
+            lo, hi = c["ci95"]
+            lines.append(f"| {setting} | {c['pattern']} | {_name(c['method'], c['variant'])} | {_name(*c['vs'])} | "
+                         f"{c['n']} | {c['mean']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {c['p_t']:.4f} | {c['p_holm']:.3f} | "
+                         f"{c['p_wilcoxon']:.3f} | {verdict(c, alpha, min_seeds)} |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def _name(method: str, variant: Any) -> str:
+    return f"{method} {variant}" if variant else method
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=DEFAULT_OUT, help="writes OUT.json and OUT.md")
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--min-seeds", type=int, default=5, help="fewer seeds than this never make a win or loss")
+    parser.add_argument("--writeup", default=None,
+                        help="also replace the 'stats' generated block of this file (e.g. benchmarks/ACCURACY.md) "
+                             "with the controlled study's table")
     args = parser.parse_args(argv)
     runs = []
     for path in args.json:
@@ -159,7 +241,23 @@ def main(argv: list[str] | None = None) -> int:
                    "cells": all_cells}, f, indent=1)
     with open(args.out + ".md", "w") as f:
         f.write(text)
+    if args.writeup:
+        design = markdown([c for c in all_cells if c["budget"] == "design"], args.alpha, args.min_seeds)
+        _replace_block(args.writeup, "stats", design or "(no controlled-study runs yet)")
     return 0
+
+
+def _replace_block(path: str, key: str, body: str) -> None:
+    """Replace the text between ``<!-- BEGIN GENERATED: key -->`` and its END marker in ``path``."""
+    begin, end = f"<!-- BEGIN GENERATED: {key} -->", f"<!-- END GENERATED: {key} -->"
+    with open(path) as f:
+        text = f.read()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path} has no '{begin}' ... '{end}' block to replace")
+    pre, rest = text.split(begin, 1)
+    post = rest.split(end, 1)[1]
+    with open(path, "w") as f:
+        f.write(f"{pre}{begin}\n{body.strip()}\n{end}{post}")
 
 
 if __name__ == "__main__":

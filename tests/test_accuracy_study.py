@@ -1,6 +1,8 @@
 """Smoke test of the accuracy study (benchmarks/accuracy.py --quick): every cell is there, training
 works (losses fall, dense beats chance), FLOPs are counted consistently, every sparse run ends at its
-target pattern. The plot checks skip only when matplotlib (the ``study`` extra) is missing."""
+target pattern; and of the controlled study (--design --quick): the matched warm-up costs what MDGF costs,
+GMP ends at the target, fine-tuning starts from the dense model, and a second invocation resumes (runs
+nothing). The plot checks skip only when matplotlib (the ``study`` extra) is missing."""
 
 import importlib.util
 import json
@@ -115,3 +117,57 @@ def test_plots_written(study):
         pytest.skip("matplotlib (the 'study' extra) is not installed")
     for name in ("accuracy_vs_sparsity.png", "diagnostics_1x16.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _run_study(out, *extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--no-progress",
+                           "--out", str(out), *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "accuracy.json").read_text()), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def design(tmp_path_factory):
+    out = tmp_path_factory.mktemp("design")
+    records, stdout = _run_study(out, "--design", "--tiers", "1", "2", "4")
+    return out, records, stdout
+
+
+def test_design_arms_and_the_matched_warmup(design):
+    _, records, _ = design
+    got = {(r["method"], r["variant"], r["pattern"], r.get("init")) for r in records}
+    assert got == {("dense", None, None, None), ("srste", None, "1:8", None), ("srste", "warmup50", "1:8", None),
+                   ("mdgf", "linear", "1:8", None), ("sdgf", "stepwise", "1:8", None), ("gmp", None, "1:8", None),
+                   ("dense", None, None, "dense-pretrain"), ("srste", None, "1:8", "dense-pretrain"),
+                   ("ste", None, "1:8", "dense-pretrain"), ("mdgf", "linear", "1:8", "dense-pretrain"),
+                   ("sdgf", "stepwise", "1:8", "dense-pretrain"), ("gmp", None, "1:8", "dense-pretrain")}
+    scratch = {(r["method"], r["variant"]): r for r in records if r.get("init") is None}
+    # The control gets MDGF-linear's dense time: the same training FLOPs, the hard mask from the same step.
+    assert scratch[("srste", "warmup50")]["train_flops"] == pytest.approx(scratch[("mdgf", "linear")]["train_flops"])
+    assert scratch[("srste", "warmup50")]["options"] == {"dense_steps": 0.5}
+    assert scratch[("srste", None)]["train_flops"] < scratch[("gmp", None)]["train_flops"] < scratch[("dense", None)]["train_flops"]
+    for r in records:
+        assert r["cpu"] and r["config"].startswith("design")
+        if r["method"] != "dense":
+            assert r["final_sparsity"] == pytest.approx(r["target_sparsity"]) and r["final_alpha"] == 0.0
+
+
+def test_design_fine_tune_starts_from_the_dense_model(design):
+    _, records, _ = design
+    tuned = [r for r in records if r.get("init") == "dense-pretrain"]
+    assert tuned and all(r["lr"] == 1e-3 and r["steps"] == 20 for r in tuned)
+    assert len({r["init_metric"] for r in tuned}) == 1 and tuned[0]["init_metric"] > 0.1  # one pretrained model
+    # Starting from a trained model, the fine-tune's first losses are far below a fresh model's.
+    fresh = next(r for r in records if r["method"] == "dense" and r.get("init") is None)
+    dense_tuned = next(r for r in tuned if r["method"] == "dense")
+    assert dense_tuned["loss_start"] < fresh["loss_start"]
+
+
+def test_design_resumes_without_rerunning(design):
+    out, records, _ = design
+    again, stdout = _run_study(out, "--design", "--tiers", "1", "2", "4")
+    assert f"{len(records)} already in" in stdout and "0 to run" in stdout
+    assert [r["finished"] for r in again] == [r["finished"] for r in records]
+    table = (out / "accuracy.md").read_text()
+    assert "SR-STE + dense warm-up 50 %" in table and "fine-tuning the dense model" in table

@@ -60,6 +60,50 @@ def test_cells_orient_differences_and_a_win_needs_enough_seeds():
 def test_committed_study_json_makes_no_claim_it_cannot_support(tmp_path):
     out = tmp_path / "stats"
     assert study_stats.main([str(ROOT / "benchmarks" / "results" / "accuracy.json"), "--out", str(out)]) == 0
-    cells = json.loads((tmp_path / "stats.json").read_text())["cells"]
+    cells = [c for c in json.loads((tmp_path / "stats.json").read_text())["cells"] if c["budget"] != "design"]
     assert cells and all(c["n"] == 3 for c in cells)
     assert not any(c["verdict"] in ("win", "loss") for c in cells)  # 3 seeds: trends at most
+
+
+def _design_run(method, variant, seed, metric, pattern="1:16", init=None, lr=3e-3):
+    return {"task": "vision", "method": method, "variant": variant, "pattern": pattern, "seed": seed, "metric": metric,
+            "metric_name": "accuracy", "budget": "steps", "steps": 1000, "lr": lr, "init": init, "config": "design"}
+
+
+def test_design_cells_pair_within_a_setting_and_share_one_holm_family():
+    runs = []
+    for seed in range(5):
+        runs += [_design_run("srste", None, seed, 0.90 + seed * 1e-3), _design_run("srste", "warmup50", seed, 0.95),
+                 _design_run("mdgf", "linear", seed, 0.95 + (seed % 2) * 1e-3),
+                 _design_run("srste", None, seed, 0.5, init="dense-pretrain"),  # another setting: never paired across
+                 _design_run("mdgf", "linear", seed, 0.5, init="dense-pretrain"),
+                 # a legacy record with the same recipe must not mix in
+                 dict(_design_run("mdgf", "linear", seed, 0.1), config="default", steps=250)]
+    cells = [c for c in study_stats.cells(runs) if c["budget"] == "design"]
+    got = {(c["init"], c["method"], c["variant"], tuple(c["vs"])): c for c in cells}
+    assert set(got) == {(None, "srste", "warmup50", ("srste", None)), (None, "mdgf", "linear", ("srste", None)),
+                        (None, "mdgf", "linear", ("srste", "warmup50")),
+                        ("dense-pretrain", "mdgf", "linear", ("srste", None))}
+    control = got[(None, "mdgf", "linear", ("srste", "warmup50"))]
+    assert control["mean"] == pytest.approx(0.0004) and control["n"] == 5
+    assert got[("dense-pretrain", "mdgf", "linear", ("srste", None))]["mean"] == 0.0
+    raw = [c["p_t"] for c in cells]
+    assert [c["p_holm"] for c in cells] == pytest.approx(study_stats.holm(raw))  # one family
+    assert study_stats.verdict(got[(None, "mdgf", "linear", ("srste", None))], 0.05, 5) == "**win**"
+    assert study_stats.verdict(control, 0.05, 5) == "no evidence"
+    assert "Controlled study" in study_stats.markdown(study_stats.cells(runs), 0.05, 5)
+
+
+def test_writeup_block_is_replaced_and_a_missing_block_is_an_error(tmp_path):
+    runs = [_design_run(m, v, seed, 0.9 + seed * 1e-3 * (m == "mdgf")) for seed in range(5)
+            for m, v in (("srste", None), ("mdgf", "linear"))]
+    data = tmp_path / "runs.json"
+    data.write_text(json.dumps(runs))
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- BEGIN GENERATED: stats -->\nold\n<!-- END GENERATED: stats -->\noutro\n")
+    assert study_stats.main([str(data), "--out", str(tmp_path / "s"), "--writeup", str(doc)]) == 0
+    text = doc.read_text()
+    assert "old" not in text and "Controlled study" in text and text.startswith("intro") and text.endswith("outro\n")
+    doc.write_text("no block here\n")
+    with pytest.raises(SystemExit, match="no .* block"):
+        study_stats.main([str(data), "--out", str(tmp_path / "s"), "--writeup", str(doc)])
