@@ -150,7 +150,7 @@ MDGF_DECAY_FRACTION = 0.5
 #: recipe fine-tunes it for this fraction of them at :data:`FINETUNE_LR` (warm-up + cosine as every run).
 FINETUNE_FRACTION = 0.5
 FINETUNE_LR = 1e-3
-#: The learning-rate sweep (tier 5) around the task's lr (3e-3), at :data:`ABLATION_PATTERN`.
+#: The learning-rate sweep (tier 6) around the task's lr (3e-3), at :data:`ABLATION_PATTERN`.
 LR_SWEEP = (1e-3, 1e-2)
 
 
@@ -172,8 +172,8 @@ def design_arms(steps: int, ablation: str = ABLATION_PATTERN, extra: str = "1:32
 
     1 the core comparison and its confound control; 2 the gradual-magnitude-pruning baseline; 3 ablations at
     ``ablation`` (the other way to match the dense time; MDGF's decay fraction); 4 dense-pretrain -> sparse
-    fine-tune at ``ablation``; 5 a learning-rate sweep of SR-STE and MDGF-linear at ``ablation``; 6 the STE
-    controls; 7 tiers 1-2 at ``extra`` (1:32); 8 the other decay recipes. The matched warm-ups:
+    fine-tune at ``ablation``; 5 the STE controls; 6 a learning-rate sweep of SR-STE and MDGF-linear at
+    ``ablation``; 7 tiers 1-2 at ``extra`` (1:32); 8 the other decay recipes. The matched warm-ups:
 
     * ``warmup50``: ``dense_steps = 0.5 * steps``, the steps at which MDGF-linear (default) still has
       alpha > 0 -- equal steps with the pruned weights in the forward, equal training FLOPs (paper counting),
@@ -192,15 +192,15 @@ def design_arms(steps: int, ablation: str = ABLATION_PATTERN, extra: str = "1:32
         Arm(3, "srste", "warmup25", {"dense_steps": quarter}, at),
         Arm(3, "mdgf", "linear-f25", {"decay": "linear", "decay_coef": 1 / (0.25 * steps)}, at),
         Arm(3, "mdgf", "linear-f75", {"decay": "linear", "decay_coef": 1 / (0.75 * steps)}, at),
-        Arm(6, "ste", None, {}, at),
-        Arm(6, "ste", "warmup50", {"dense_steps": half}, at),
+        Arm(5, "ste", None, {}, at),
+        Arm(5, "ste", "warmup50", {"dense_steps": half}, at),
         Arm(8, "mdgf", "exponential", {"decay": "exponential"}, at),
         Arm(8, "sdgf", "geometric", {"schedule": "geometric"}, at),
     ]
     arms += [Arm(4, m, v, o, at, FINETUNE_LR, ft) for m, v, o in
              [("dense", None, {}), ("srste", None, {}), ("ste", None, {}), ("mdgf", "linear", {"decay": "linear"}),
               ("sdgf", "stepwise", {"schedule": "stepwise"}), ("gmp", None, {})]]
-    arms += [Arm(5, m, v, o, at, lr) for lr in LR_SWEEP for m, v, o in core if v != "warmup50" and m != "sdgf"]
+    arms += [Arm(6, m, v, o, at, lr) for lr in LR_SWEEP for m, v, o in core if v != "warmup50" and m != "sdgf"]
     arms += [Arm(7, m, v, o, (extra,)) for m, v, o in core] + [Arm(7, "gmp", None, {}, (extra,))]
     return arms
 
@@ -989,7 +989,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="the controlled study: vision, 5 seeds, 1,000 steps, 1:8 and 1:16, the arms of design_arms()")
     parser.add_argument("--tiers", type=int, nargs="+", default=list(range(1, 9)),
                         help="with --design: which tiers of arms to run (1 core + matched warm-up, 2 GMP, 3 ablations, "
-                             "4 dense-pretrain -> fine-tune, 5 lr sweep, 6 STE controls, 7 1:32, 8 other decay recipes)")
+                             "4 dense-pretrain -> fine-tune, 5 STE controls, 6 lr sweep, 7 1:32, 8 other decay recipes)")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs (resume later)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply model width and steps (e.g. 4 on a GPU)")
