@@ -179,6 +179,7 @@ class _PackedLinear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear, pattern: str):
         super().__init__()
+        import nmfx.inference_ops  # noqa: F401  (registers torch.ops.nmfx.nm_linear and its CUDA kernel)
         from nmfx.packed import pack_nm
 
         p = pack_nm(linear.weight.detach(), pattern)
@@ -186,16 +187,10 @@ class _PackedLinear(torch.nn.Module):
         self.register_buffer("indices", p.indices)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.n, self.m, self.bits = p.pattern.n, p.pattern.m, p.index_bits
-        import nmfx.inference_ops as ops
-
-        self._op = (lambda *a: ops.nm_linear(*a, "triton")) if "triton" in ops.BACKENDS else None
 
     def forward(self, x):
-        if self._op is not None:
-            return self._op(x, self.values, self.indices, self.bias, self.n, self.m, self.bits)
-        from nmfx.kernels.triton_nm import nm_linear_triton
-
-        return nm_linear_triton(x, self.values, self.indices, self.bias, self.n, self.m, self.bits)
+        # The op as a model calls it: on CUDA tensors the dispatcher runs its Triton kernel.
+        return torch.ops.nmfx.nm_linear(x, self.values, self.indices, self.bias, self.n, self.m, self.bits)
 
 
 def bench_e2e(pattern: str, layers: int, new_tokens: int, prompt: int) -> dict:

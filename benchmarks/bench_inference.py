@@ -6,7 +6,7 @@ same run on the same masked weight (median of several reps, ``torch.set_num_thre
 
   dense   F.linear(x, W_masked)                 (oneDNN/MKL dense GEMM on the zero-filled weight)
   csr     (W_masked.to_sparse_csr() @ x.T).T     (torch's CPU sparse CSR matmul)
-  nmfx    torch.ops.nmfx.nm_linear(..., backend="cpu") on the stored bit-packed indices
+  nmfx    torch.ops.nmfx.nm_linear (its C++ CPU kernel) on the stored bit-packed indices
 
 End to end (``--e2e``): a GPT-2 with realistic widths (768, 4 blocks, random weights) decoding 16
 tokens at batch 1 and 8 with its KV cache, and a ViT-B-width model (4 blocks) on 224x224 images at

@@ -110,12 +110,16 @@ LAYER_HEADER = (f"{'pattern':>7} {'dtype':>8} {'batch':>5} | {'dense ms':>9} {'c
 
 
 def layer_rows(size: int, patterns: Sequence[str], batches: Sequence[int], dtypes: Sequence[str],
-               backend: str = "cpu", csr: bool = True, budget_s: float = 1.0, min_reps: int = 5,
+               backend: str = "auto", csr: bool = True, budget_s: float = 1.0, min_reps: int = 5,
                max_reps: int = 30, quiet_wait_s: float = 0.0) -> Iterator[dict]:
     """One row per (dtype, pattern, batch): a ``size x size`` layer as ``nm_linear`` vs dense ``F.linear``
-    on the same masked weight vs its ``to_sparse_csr()`` matmul, timed back to back in the same run."""
-    from nmfx.inference_ops import nm_linear
+    on the same masked weight vs its ``to_sparse_csr()`` matmul, timed back to back in the same run.
+    ``backend``: the op a packed layer lowered with it calls (``"auto"``: ``nmfx::nm_linear``, the C++
+    kernel on the CPU; ``"reference"``: ``nmfx::nm_linear_reference``)."""
+    from nmfx.inference_ops import OP_FOR_BACKEND
     from nmfx.packed import pack_nm
+
+    nm_linear = OP_FOR_BACKEND[backend]
 
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     dense_w = torch.randn(size, size, generator=torch.Generator().manual_seed(0))
@@ -133,13 +137,12 @@ def layer_rows(size: int, patterns: Sequence[str], batches: Sequence[int], dtype
             n, m, bits = packed.pattern.n, packed.pattern.m, packed.index_bits
             for batch in batches:
                 x = torch.randn(batch, size).to(dtype)
-                run = lambda: nm_linear(x, packed.values, packed.indices, None, n, m, bits, backend)  # noqa: E731
+                run = lambda: nm_linear(x, packed.values, packed.indices, None, n, m, bits)  # noqa: E731
                 error = (run().double() - F.linear(x.double(), w.double())).abs().max().item()
                 contenders = {"nmfx": run, "dense": lambda: F.linear(x, w)}
                 if packed32 is not None:
                     x32 = x.float()
-                    contenders["nmfx_fp32"] = lambda: nm_linear(x32, packed32.values, packed32.indices, None, n, m,
-                                                                bits, backend)
+                    contenders["nmfx_fp32"] = lambda: nm_linear(x32, packed32.values, packed32.indices, None, n, m, bits)
                 note = None
                 if w_csr is not None:
                     xt = x.t().contiguous()
@@ -168,7 +171,7 @@ def layer_rows(size: int, patterns: Sequence[str], batches: Sequence[int], dtype
 def overhead_rows(widths: Sequence[int] = (512, 1024), pattern: str = "1:8", dtypes: Sequence[str] = ("float32", "bfloat16"),
                   calls: int = 200, budget_s: float = 1.0) -> Iterator[dict]:
     """Per-call time at batch 1 of a ``width x width`` layer, interleaved: the op as a model calls it
-    (``torch.ops.nmfx.nm_linear(..., "auto")`` under ``no_grad``, and under ``inference_mode``), the Python wrapper ``nmfx.inference_ops.nm_linear``,
+    (``torch.ops.nmfx.nm_linear`` under ``no_grad``, and under ``inference_mode``), the Python wrapper ``nmfx.inference_ops.nm_linear``,
     the raw extension function (no dispatcher), and dense ``F.linear``; each timed over ``calls`` calls.
     What the op costs above the extension function is the per-call dispatch overhead."""
     from nmfx.inference_ops import nm_linear
@@ -192,8 +195,8 @@ def overhead_rows(widths: Sequence[int] = (512, 1024), pattern: str = "1:8", dty
                             fn(*a)
                 return run
 
-            fns = {"op": loop(op, *args, "auto"), "op_inference_mode": loop(op, *args, "auto", mode=torch.inference_mode),
-                   "wrapper": loop(nm_linear, *args, "auto"), "dense": loop(F.linear, x, w)}
+            fns = {"op": loop(op, *args), "op_inference_mode": loop(op, *args, mode=torch.inference_mode),
+                   "wrapper": loop(nm_linear, *args), "dense": loop(F.linear, x, w)}
             if ext is not None:
                 fns["extension"] = loop(ext.nm_linear, *args, 0)
             t = time_interleaved(fns, 5, 40, budget_s * len(fns))

@@ -283,7 +283,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     bench.add_argument("--patterns", default="2:4,1:8,1:16")
     bench.add_argument("--batches", default="1,8,64,256")
     bench.add_argument("--dtypes", default="float32,bfloat16")
-    bench.add_argument("--backend", default="auto")
+    bench.add_argument("--backend", default="auto", choices=("auto", "reference"),
+                       help="auto: nmfx::nm_linear (the C++ kernel on the CPU); reference: the plain-torch oracle")
     bench.add_argument("--threads", type=int, default=torch.get_num_threads())
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)

@@ -12,7 +12,6 @@ from torch import nn
 
 from nmfx.accessors import graphs, record, states
 from nmfx.compile import lower_graph
-from nmfx.inference_ops import BACKENDS
 from nmfx.layers import MaskedLinear, NMLinear, is_conv1d
 from nmfx.meta import META_KEY, PrunableOp, annotated_nodes
 from nmfx.packed import MAX_PACKED_M
@@ -24,8 +23,10 @@ from nmfx.tracing import ROOT_GRAPH_ATTR, TRACED_FROM_KEY, sync_root
 
 __all__ = ["to_inference", "is_inference", "LOWERING_BACKENDS"]
 
-#: nm_linear's backends, plus PyTorch's 2:4 semi-structured sparse tensors (CUDA sm80+).
-LOWERING_BACKENDS = BACKENDS + ("semi_structured",)
+#: What a lowering may be asked for: "auto" (the nm_linear kernel registered for the tensors' device),
+#: "cpu" / "triton" (the same op, after checking that this is the kernel that will run), "reference"
+#: (nmfx::nm_linear_reference), and PyTorch's 2:4 semi-structured sparse tensors (CUDA sm80+).
+LOWERING_BACKENDS = ("auto", "cpu", "triton", "reference", "semi_structured")
 
 
 def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[torch.dtype] = None,
@@ -37,14 +38,19 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
     Each lowered ``nn.Linear`` (``MaskedLinear``) and transformers ``Conv1D`` becomes an
     :class:`nmfx.layers.NMLinear` (the same object where it was one, so its hooks keep firing; buffers
     ``weight_values`` / ``weight_indices``, no ``weight``). When CPU layers will run the plain-torch
-    reference because the C++ kernel cannot be built (backend ``"auto"`` / ``"cpu"``), a RuntimeWarning
-    says so, with the build error.
+    reference because the C++ kernel cannot be built (backend ``"auto"``), a RuntimeWarning says so,
+    with the build error.
+
+    The packed layers call ``torch.ops.nmfx.nm_linear``, whose kernel is chosen by the dispatcher from
+    the tensors' device (C++ on the CPU, Triton on CUDA), so the lowered model runs wherever it is moved.
 
     Args:
-        backend: ``"auto"`` (CPU: the C++ kernel when it builds, else the reference; CUDA sm80+:
-            semi-structured 2:4 tensors for 2:4-compatible patterns, else the Triton kernel), ``"cpu"``,
-            ``"reference"``, ``"triton"``, or ``"semi_structured"`` (layers that cannot use it fall back
-            to ``nm_linear``, with the reason in ``nmfx.report``).
+        backend: ``"auto"`` (CUDA sm80+: semi-structured 2:4 tensors for 2:4-compatible patterns, else
+            ``nm_linear``); ``"cpu"`` / ``"triton"``: ``nm_linear``, after checking that its C++ (Triton)
+            kernel can run on the model's tensors (RuntimeError naming the reason otherwise, instead of a
+            fallback); ``"reference"``: ``nmfx::nm_linear_reference`` (plain torch, every device); or
+            ``"semi_structured"`` (layers that cannot use it fall back to ``nm_linear``, with the reason
+            in ``nmfx.report``).
         dtype: cast the model (e.g. ``torch.bfloat16``) before packing.
         force: lower even if training has not reached the hard target mask (alpha = 0, target N:M): the
             target mask of the current weights is used, so outputs change; a warning says so.
@@ -80,7 +86,7 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
         with torch.no_grad():
             for name, state in states(target).items():
                 state.mask.copy_(nm_mask(target.get_parameter(name), state.pattern, dim=state.dim))
-    _warn_if_reference(target, backend)
+    _check_backend_runs(target, backend)
     lowered: dict[str, PrunableOp] = {}
     for scope, gm in graphs(target).items():
         lower_graph(gm, backend, _structure_only)
@@ -160,16 +166,35 @@ def packed_layers(model: nn.Module) -> list[dict]:
     return list(layers.values())
 
 
-def _warn_if_reference(model: nn.Module, backend: str) -> None:
-    """Warn (once per call) when CPU layers will run the plain-torch reference because the C++ kernel is missing."""
+def _check_backend_runs(model: nn.Module, backend: str) -> None:
+    """An explicit ``"cpu"`` / ``"triton"`` must be the kernel that runs (RuntimeError otherwise); with
+    ``"auto"``, warn (once per call) when CPU layers will run the reference because the C++ kernel is missing."""
+    devices = {state.mask.device for state in states(model).values()}
+    if backend == "triton":
+        from nmfx.kernels import triton_nm
+
+        if any(d.type != "cuda" for d in devices):
+            raise RuntimeError(f"nmfx.to_inference(backend='triton'): the model's weights are on {sorted(map(str, devices))}; "
+                               "the Triton kernel is nm_linear's CUDA kernel: move the model to a GPU first")
+        why = triton_nm.unavailable_reason(*(state.mask for state in states(model).values()))
+        if why is not None:
+            raise RuntimeError(f"nmfx.to_inference(backend='triton'): the Triton kernels cannot run: {why}")
+        return
     if backend not in ("auto", "cpu", "semi_structured"):
         return
-    if not any(state.mask.device.type == "cpu" for state in states(model).values()):
+    if backend == "cpu" and any(d.type != "cpu" for d in devices):
+        raise RuntimeError(f"nmfx.to_inference(backend='cpu'): the model's weights are on {sorted(map(str, devices))}; "
+                           "the C++ kernel is nm_linear's CPU kernel: call model.cpu() first")
+    if not any(d.type == "cpu" for d in devices):
         return
     from nmfx.kernels import cpu
 
     if cpu.available():
         return
+    if backend == "cpu":
+        raise RuntimeError(f"nmfx.to_inference(backend='cpu'): the C++ CPU kernel for nm_linear cannot be built "
+                           f"({cpu.build_error()}). Fix the build (a C++ compiler and ninja; see the reason), or "
+                           "pass backend='reference' for the plain-torch path")
     warnings.warn(f"nmfx.to_inference: the C++ CPU kernel for nm_linear is unavailable ({cpu.build_error()}), so "
                   "the packed layers run the plain-torch reference, which densifies the weight at every call "
                   "(several times slower than the dense model). Fix the build (a C++ compiler and ninja; see the "
@@ -210,7 +235,8 @@ def _replace_standalone_scope(model: nn.Module, scope: str, gm) -> None:
 
 
 def _node_backend(gm) -> str:
+    """The layer backend of the packed op a standalone scope's graph calls."""
     for node in gm.graph.nodes:
-        if node.target is torch.ops.nmfx.nm_linear.default:
-            return node.args[7]
+        if node.target is torch.ops.nmfx.nm_linear_reference.default:
+            return "reference"
     return "auto"

@@ -14,14 +14,26 @@ Signature (a ``torch.library`` op; traceable by ``torch.compile(fullgraph=True)`
         bias: Optional[Tensor],  # [out], x's dtype, or None
         n: int, m: int,          # the pattern N:M (M <= 32); in_features = K / N * M
         index_bits: int,         # 8, or the packed width (see indices)
-        backend: str = "auto",   # "auto" | "cpu" | "reference" | "triton"
     ) -> Tensor                  # [..., out], x's dtype
 
-It computes ``x @ W.T + bias`` where ``W = PackedNMWeight(...).unpack()``. Backends: ``"reference"``
-is :func:`nm_linear_reference` (plain torch: densify, then ``F.linear``; the oracle); ``"cpu"`` is the
-C++ kernel in ``nmfx/kernels/nm_linear_cpu.cpp`` (it falls back to the reference, warning once, if the
-kernel cannot be built); ``"auto"`` uses the C++ kernel for CPU tensors when it is available and the
-reference otherwise (no warning off the CPU). The C++ kernel accumulates in fp32 whatever the dtype.
+It computes ``x @ W.T + bias`` where ``W = PackedNMWeight(...).unpack()``. The schema names no kernel:
+kernels are registered per device with ``torch.library``, and the dispatcher picks one from the
+tensors' device, so an exported or saved graph runs wherever its tensors are moved:
+
+* **CPU**: the C++ kernel of ``nmfx/kernels/nm_linear_cpu.cpp``, registered for the ``CPU`` dispatch key
+  by the extension itself when it is loaded (an eager call then runs no Python). Until it is loaded,
+  the op's device-generic kernel below serves CPU calls: it loads (building once, about a minute) the
+  extension, which registers itself, and falls back to the reference, warning once, if it cannot be built.
+* **CUDA**: the Triton kernels of ``nmfx/kernels/triton_nm.py`` (registered here for the ``CUDA`` key,
+  importing triton on the first call); the reference, warning once with the reason, where Triton cannot run.
+* **Any other device**: the reference.
+
+The kernels can also be called directly (same arguments): :func:`nm_linear_reference` (plain torch:
+densify, then ``F.linear``; the oracle), ``nmfx.kernels.cpu.nm_linear`` and
+``nmfx.kernels.triton_nm.nm_linear_triton``. The reference is also an op of its own,
+``torch.ops.nmfx.nm_linear_reference`` (same schema, every device): that is how a model chooses the
+plain-torch path explicitly, ``nmfx.to_inference(model, backend="reference")`` lowering its layers to
+it instead of ``nm_linear``. The C++ kernel accumulates in fp32 whatever the dtype.
 
 Bounds: a stored in-group position ``>= M`` (a corrupted or mismatched weight) is refused with a
 ``ValueError`` by the reference and by the C++ kernel (which checks each indices tensor once while it
@@ -31,7 +43,7 @@ mask such a position out (it contributes nothing) rather than synchronise the de
 
 From a lowering pass, with ``p = pack_nm(weight, pattern, mask)`` stored as buffers::
 
-    y = torch.ops.nmfx.nm_linear(x, p.values, p.indices, bias, p.pattern.n, p.pattern.m, p.index_bits, "auto")
+    y = torch.ops.nmfx.nm_linear(x, p.values, p.indices, bias, p.pattern.n, p.pattern.m, p.index_bits)
 
 or simply ``nm_linear_packed(x, p, bias)``. On this repo's benchmark CPU the kernel reads the
 bit-packed ``indices`` about as fast as byte positions (see benchmarks/bench_inference.py), so the
@@ -40,60 +52,16 @@ stored format can be passed as is; ``index_bits=8`` with ``p.positions()`` is th
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from nmfx.packed import MAX_PACKED_M, PackedNMWeight, index_bits as _index_bits, unpack_positions
+from nmfx.kernels.nm_linear_args import check_nm_linear_args
+from nmfx.packed import PackedNMWeight, unpack_positions
 
-__all__ = ["nm_linear", "nm_linear_reference", "nm_linear_packed", "first_invalid_position", "BACKENDS"]
-
-BACKENDS = ("auto", "cpu", "reference", "triton")
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _check(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    n: int,
-    m: int,
-    index_bits: int,
-    backend: str,
-) -> tuple:
-    """Validate the op's arguments (ValueError naming the problem); return (out, K, in)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"nm_linear: backend must be one of {BACKENDS}, got {backend!r}")
-    if not (1 <= n <= m <= MAX_PACKED_M):
-        raise ValueError(f"nm_linear: need 1 <= N <= M <= {MAX_PACKED_M}, got {n}:{m}")
-    if values.dim() != 2:
-        raise ValueError(f"nm_linear: values must be [out, K], got shape {tuple(values.shape)}")
-    out, k = values.shape
-    if k % n:
-        raise ValueError(f"nm_linear: values has K={k} kept values per row, not a multiple of N={n}")
-    inp = k // n * m
-    if x.dim() < 1 or x.shape[-1] != inp:
-        raise ValueError(
-            f"nm_linear: x has shape {tuple(x.shape)}, but the {n}:{m} weight with {k} kept values per row has "
-            f"in_features={inp}"
-        )
-    if x.dtype not in _DTYPES or values.dtype != x.dtype:
-        raise ValueError(f"nm_linear: x and values must share a float32/bfloat16/float16 dtype, got {x.dtype}, {values.dtype}")
-    if index_bits == 8:
-        want = (out, k)
-    elif index_bits == _index_bits(m):
-        want = (out, (k * index_bits + 7) // 8)
-    else:
-        raise ValueError(f"nm_linear: index_bits must be 8 or {_index_bits(m)} for M={m}, got {index_bits}")
-    if indices.dtype != torch.uint8 or tuple(indices.shape) != want:
-        raise ValueError(
-            f"nm_linear: indices must be uint8 {want} for index_bits={index_bits}, got {indices.dtype} {tuple(indices.shape)}"
-        )
-    if bias is not None and (tuple(bias.shape) != (out,) or bias.dtype != x.dtype):
-        raise ValueError(f"nm_linear: bias must be {x.dtype} [{out}], got {bias.dtype} {tuple(bias.shape)}")
-    return out, k, inp
+__all__ = ["nm_linear", "nm_linear_reference", "nm_linear_packed", "first_invalid_position", "OP_FOR_BACKEND"]
 
 
 def _first_over(positions: torch.Tensor, m: int) -> Optional[tuple]:
@@ -127,17 +95,10 @@ def first_invalid_position(indices: torch.Tensor, index_bits: int, m: int, k: in
     return None
 
 
-def nm_linear_reference(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    n: int,
-    m: int,
-    index_bits: int,
-) -> torch.Tensor:
+def nm_linear_reference(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: Optional[torch.Tensor],
+                        n: int, m: int, index_bits: int) -> torch.Tensor:
     """The oracle: rebuild the dense masked weight and call ``F.linear`` (same arguments as the op)."""
-    out, k, inp = _check(x, values, indices, bias, n, m, index_bits, "reference")
+    out, k, inp = check_nm_linear_args(x, values, indices, bias, n, m, index_bits)
     positions = indices if index_bits == 8 else unpack_positions(indices, index_bits, k)
     bad = _first_over(positions, m)
     if bad is not None:
@@ -151,59 +112,60 @@ def nm_linear_reference(
     return F.linear(x, weight, bias)
 
 
-# The op is defined with torch.library (not ``custom_op``) so that its CPU kernel can be registered from
-# C++: when the extension is loaded it registers ``nmfx::nm_linear`` for the CPU dispatch key
-# (``TORCH_LIBRARY_IMPL`` in nm_linear_cpu.cpp), and an eager call on CPU tensors with backend "auto" or
-# "cpu" then runs no Python at all. The Python implementation below is the CompositeExplicitAutograd
-# kernel: it serves other devices, the first call before the extension is loaded, a failed build, and
-# (through ``nmfx::_nm_linear_python``, which the C++ kernel calls) the "reference"/"triton" backends and
-# the Python-worded argument errors on the CPU. There is no backward: one through the result raises.
-_SCHEMA = (
-    "(Tensor x, Tensor values, Tensor indices, Tensor? bias, SymInt n, SymInt m, SymInt index_bits, "
-    'str backend="auto") -> Tensor'
-)
+# The ops are defined with torch.library (not ``custom_op``) so that nm_linear's CPU kernel can be
+# registered from C++ (``TORCH_LIBRARY_IMPL`` in nm_linear_cpu.cpp) when the extension is loaded.
+# ``nm_linear_reference`` (same schema) is the reference as an op of its own, so that a lowering can
+# choose it explicitly (``to_inference(backend="reference")``) and still compile and export as one
+# opaque node. ``_nm_linear_python`` is the Python implementation by another name: the C++ CPU kernel
+# hands the arguments it refuses to it, so the error reads the same on every path. None of them has a
+# backward: one through the result raises.
+_SCHEMA = "(Tensor x, Tensor values, Tensor indices, Tensor? bias, SymInt n, SymInt m, SymInt index_bits) -> Tensor"
 _lib = torch.library.Library("nmfx", "FRAGMENT")
-_lib.define("nm_linear" + _SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
-_lib.define("_nm_linear_python" + _SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
+for _name in ("nm_linear", "_nm_linear_python", "nm_linear_reference"):
+    _lib.define(_name + _SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
+_warned: set[str] = set()
 
 
-def _nm_linear_impl(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    n: int,
-    m: int,
-    index_bits: int,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """The op's Python implementation (see the comment above for when it runs)."""
-    _check(x, values, indices, bias, n, m, index_bits, backend)
-    on_cpu = x.device.type == "cpu" and values.device.type == "cpu" and indices.device.type == "cpu"
-    if backend == "cpu" and not on_cpu:
-        raise ValueError(f"nm_linear: backend 'cpu' needs CPU tensors, got x on {x.device}, values on {values.device}")
-    if backend == "triton" or (backend == "auto" and x.device.type == "cuda"):
-        from nmfx.kernels import triton_nm as _triton
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-        why = _triton.unavailable_reason(x, values, indices, bias)
-        if why is None:
-            return _triton.nm_linear_triton(x, values, indices, bias, n, m, index_bits)
-        if backend == "triton":
-            raise ValueError(f"nm_linear: backend 'triton' cannot run here: {why}")
-    if backend != "reference" and on_cpu:
+
+def _nm_linear_any_device(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: Optional[torch.Tensor],
+                          n: int, m: int, index_bits: int) -> torch.Tensor:
+    """The kernel of a device with no kernel of its own (CompositeExplicitAutograd): on CPU tensors
+    before the C++ extension is loaded, it loads it (the extension registers the CPU kernel, which
+    serves every later call) and runs it; elsewhere, or where the build fails, the reference."""
+    check_nm_linear_args(x, values, indices, bias, n, m, index_bits)
+    if x.device.type == "cpu" and values.device.type == "cpu" and indices.device.type == "cpu":
         from nmfx.kernels import cpu as _cpu
 
-        if _cpu.available():  # warns once, inside, when the build fails; loading registers the C++ CPU kernel
+        if _cpu.available():  # warns once, inside, when the build fails
             return _cpu.nm_linear(x, values, indices, bias, n, m, index_bits)
     return nm_linear_reference(x, values, indices, bias, n, m, index_bits)
 
 
-def _nm_linear_fake(x, values, indices, bias, n, m, index_bits, backend="auto"):
+def _nm_linear_cuda(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: Optional[torch.Tensor],
+                    n: int, m: int, index_bits: int) -> torch.Tensor:
+    """The CUDA kernel: Triton, or the reference (warning once with the reason) where Triton cannot run."""
+    from nmfx.kernels import triton_nm as _triton
+
+    why = _triton.unavailable_reason(x, values, indices, bias)
+    if why is None:
+        return _triton.nm_linear_triton(x, values, indices, bias, n, m, index_bits)
+    check_nm_linear_args(x, values, indices, bias, n, m, index_bits)
+    _warn_once("triton", f"nmfx::nm_linear: the Triton kernels cannot run ({why}); using the plain-torch "
+               "reference, which densifies the weight at every call")
+    return nm_linear_reference(x, values, indices, bias, n, m, index_bits)
+
+
+def _nm_linear_fake(x, values, indices, bias, n, m, index_bits):
     if torch.onnx.is_in_onnx_export():
         raise ValueError("nmfx::nm_linear has no ONNX definition, so a packed nmfx inference model cannot be "
                          "exported to ONNX: export the dense copy instead, torch.onnx.export(nmfx.to_dense(model), "
                          "...), whose weights hold the N:M zeros")
-    out, _, _ = _check(x, values, indices, bias, n, m, index_bits, backend)
+    out, _, _ = check_nm_linear_args(x, values, indices, bias, n, m, index_bits)
     return x.new_empty((*x.shape[:-1], out))
 
 
@@ -214,31 +176,28 @@ def _no_backward(ctx, grad):
     )
 
 
-for _name in ("nm_linear", "_nm_linear_python"):
-    _lib.impl(_name, _nm_linear_impl, "CompositeExplicitAutograd")
+_IMPLEMENTATIONS = {"nm_linear": _nm_linear_any_device, "_nm_linear_python": _nm_linear_any_device,
+                    "nm_linear_reference": nm_linear_reference}
+for _name, _impl in _IMPLEMENTATIONS.items():
+    _lib.impl(_name, _impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"nmfx::{_name}", _nm_linear_fake, lib=_lib)
     # A backward through the result raises (instead of gradients silently stopping here). Once the
     # C++ library is loaded, CPU tensors use its C++ equivalent (AutogradCPU, nm_linear_cpu.cpp).
     torch.library.register_autograd(f"nmfx::{_name}", _no_backward, lib=_lib)
+_lib.impl("nm_linear", _nm_linear_cuda, "CUDA")
+
+#: The op a packed layer calls for its ``backend``: "auto" = the kernel registered for the tensors'
+#: device, "reference" = the plain-torch oracle on every device.
+OP_FOR_BACKEND = {"auto": torch.ops.nmfx.nm_linear.default, "reference": torch.ops.nmfx.nm_linear_reference.default}
 
 
-def nm_linear(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    n: int,
-    m: int,
-    index_bits: int,
-    backend: str = "auto",
-) -> torch.Tensor:
+def nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: Optional[torch.Tensor],
+              n: int, m: int, index_bits: int) -> torch.Tensor:
     """``x @ W.T + bias`` for a packed N:M weight: calls ``torch.ops.nmfx.nm_linear`` (see the module
-    docstring for the argument layout)."""
-    return torch.ops.nmfx.nm_linear.default(x, values, indices, bias, n, m, index_bits, backend)
+    docstring for the argument layout and which kernel runs)."""
+    return torch.ops.nmfx.nm_linear.default(x, values, indices, bias, n, m, index_bits)
 
 
-def nm_linear_packed(
-    x: torch.Tensor, packed: PackedNMWeight, bias: Optional[torch.Tensor] = None, backend: str = "auto"
-) -> torch.Tensor:
+def nm_linear_packed(x: torch.Tensor, packed: PackedNMWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Convenience wrapper: ``torch.ops.nmfx.nm_linear`` on a :class:`PackedNMWeight` (bit-packed indices)."""
-    return nm_linear(x, packed.values, packed.indices, bias, packed.pattern.n, packed.pattern.m, packed.index_bits, backend)
+    return nm_linear(x, packed.values, packed.indices, bias, packed.pattern.n, packed.pattern.m, packed.index_bits)

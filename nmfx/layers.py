@@ -26,13 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import nmfx.inference_ops  # noqa: F401  (registers torch.ops.nmfx.nm_linear)
-from nmfx.inference_ops import BACKENDS
+from nmfx.inference_ops import OP_FOR_BACKEND
 from nmfx.ops import masked_linear
 from nmfx.packed import MAX_PACKED_M, index_bits, pack_nm
 from nmfx.pattern import Pattern, PatternLike
 
-__all__ = ["MaskedLinear", "NMLinear", "is_plain_linear", "is_conv1d", "become_nm_linear"]
+__all__ = ["MaskedLinear", "NMLinear", "check_layer_backend", "is_plain_linear", "is_conv1d", "become_nm_linear"]
 
 #: NMLinear storage formats: nmfx's packed values + indices, or PyTorch's semi-structured 2:4 tensor.
 KINDS = ("nm_linear", "semi_structured")
@@ -73,8 +72,9 @@ class NMLinear(nn.Module):
     ``kind="semi_structured"`` the weight is instead the parameter ``weight_semi``, a
     ``torch.sparse.SparseSemiStructuredTensor`` used through ``F.linear`` (CUDA sm80+).
 
-    Attributes: ``in_features``, ``out_features``, ``pattern``, ``backend`` (nm_linear's backend:
-    ``"auto"``, ``"cpu"``, ``"reference"`` or ``"triton"``; may be changed), ``kind`` and ``transposed``
+    Attributes: ``in_features``, ``out_features``, ``pattern``, ``backend`` (``"auto"``: the op's kernel for
+    the tensors' device, C++ on the CPU and Triton on CUDA; ``"reference"``: ``nmfx::nm_linear_reference``,
+    plain torch on every device; may be changed), ``kind`` and ``transposed``
     (the trained weight was stored ``[in, out]``, as a ``Conv1D``'s; the packed one is always ``[out, in]``)
     and ``index_bits``.
     There is no ``weight``: :meth:`dense_weight` unpacks one.
@@ -87,8 +87,6 @@ class NMLinear(nn.Module):
         if pattern.m > MAX_PACKED_M or in_features % pattern.m:
             raise ValueError(f"NMLinear: in_features={in_features} must be a multiple of M={pattern.m} "
                              f"(M <= {MAX_PACKED_M})")
-        if backend not in BACKENDS:
-            raise ValueError(f"NMLinear: backend must be one of {BACKENDS}, got {backend!r}")
         dtype = dtype or torch.get_default_dtype()
         kept = in_features // pattern.m * pattern.n
         self._setup(in_features, out_features, pattern, backend, "nm_linear", transposed=False)
@@ -123,6 +121,15 @@ class NMLinear(nn.Module):
         return out
 
     @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        check_layer_backend(backend)
+        self._backend = backend
+
+    @property
     def weight_shape(self) -> tuple[int, int]:
         """The shape of the trained dense weight (``[in, out]`` when ``transposed``)."""
         shape = (self.out_features, self.in_features)
@@ -131,21 +138,28 @@ class NMLinear(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if self.kind == "semi_structured":
             return F.linear(input, self.weight_semi, self.bias)
-        return torch.ops.nmfx.nm_linear(input, self.weight_values, self.weight_indices, self.bias, self.pattern.n,
-                                        self.pattern.m, self.index_bits, self.backend)
+        return OP_FOR_BACKEND[self.backend](input, self.weight_values, self.weight_indices, self.bias, self.pattern.n,
+                                            self.pattern.m, self.index_bits)
 
     def dense_weight(self) -> Tensor:
         """The dense ``[out, in]`` masked weight (a new tensor; zeros where pruned)."""
         if self.kind == "semi_structured":
             return self.weight_semi.to_dense()
         eye = torch.eye(self.in_features, dtype=self.weight_values.dtype, device=self.weight_values.device)
-        return torch.ops.nmfx.nm_linear(eye, self.weight_values, self.weight_indices, None, self.pattern.n,
-                                        self.pattern.m, self.index_bits, "reference").t().contiguous()
+        return torch.ops.nmfx.nm_linear_reference(eye, self.weight_values, self.weight_indices, None, self.pattern.n,
+                                                  self.pattern.m, self.index_bits).t().contiguous()
 
     def extra_repr(self) -> str:
         text = (f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}, "
                 f"bias={self.bias is not None}")
         return text + (", kind=semi_structured" if self.kind == "semi_structured" else f", backend={self.backend}")
+
+
+def check_layer_backend(backend: str) -> None:
+    """ValueError unless ``backend`` is one a packed layer can call (a key of ``OP_FOR_BACKEND``)."""
+    if backend not in OP_FOR_BACKEND:
+        raise ValueError(f"NMLinear: backend must be 'auto' (the kernel registered for the tensors' device: C++ on "
+                         f"the CPU, Triton on CUDA) or 'reference' (plain torch), got {backend!r}")
 
 
 def become_nm_linear(module: nn.Module, in_features: int, out_features: int, pattern: Pattern, backend: str,

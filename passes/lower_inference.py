@@ -5,7 +5,10 @@ layout: a ``[in, out]`` Conv1D weight is transposed first) with :func:`nmfx.pack
 the packed tensors as buffers ``<owner>.<param>_values`` / ``<owner>.<param>_indices``, replaces the
 node by::
 
-    torch.ops.nmfx.nm_linear(x, <owner>.<param>_values, <owner>.<param>_indices, bias, N, M, bits, backend)
+    torch.ops.nmfx.nm_linear(x, <owner>.<param>_values, <owner>.<param>_indices, bias, N, M, bits)
+
+(``torch.ops.nmfx.nm_linear_reference``, same arguments, for ``backend="reference"``; every other
+backend lowers to ``nm_linear``, whose kernel the dispatcher picks from the tensors' device)
 
 and deletes the dense weight and its ``NMState`` (training state) from the owner. The annotation is
 carried over with ``kind="nm_linear"`` and ``status="packed"``. ``structure_only=True`` allocates the
@@ -31,7 +34,7 @@ import dataclasses
 import torch
 from torch import fx
 
-import nmfx.inference_ops  # noqa: F401  (registers torch.ops.nmfx.nm_linear)
+from nmfx.inference_ops import OP_FOR_BACKEND
 from nmfx.layers import MaskedLinear, become_nm_linear, is_conv1d, is_plain_linear
 from nmfx.meta import META_KEY, PrunableOp, annotated_nodes
 from nmfx.ops import masked_linear
@@ -39,7 +42,7 @@ from nmfx.packed import index_bits, pack_nm
 from nmfx.pattern import Pattern
 from nmfx.state import STATE_SUFFIX, NMState
 
-__all__ = ["lower_inference", "lower_weight", "semi_structured_problem", "VALUES_SUFFIX", "INDICES_SUFFIX", "SEMI_SUFFIX"]
+__all__ = ["lower_inference", "lower_weight", "layer_backend", "semi_structured_problem", "VALUES_SUFFIX", "INDICES_SUFFIX", "SEMI_SUFFIX"]
 
 VALUES_SUFFIX = "_values"
 INDICES_SUFFIX = "_indices"
@@ -90,8 +93,8 @@ def lower_inference(gm: fx.GraphModule, backend: str = "auto", structure_only: b
             else:
                 values = graph.get_attr(prefix + VALUES_SUFFIX)
                 indices = graph.get_attr(prefix + INDICES_SUFFIX)
-                new = graph.call_function(torch.ops.nmfx.nm_linear.default, (
-                    x, values, indices, bias, pattern.n, pattern.m, index_bits(pattern.m), _packed_backend(backend)))
+                new = graph.call_function(OP_FOR_BACKEND[layer_backend(backend)], (
+                    x, values, indices, bias, pattern.n, pattern.m, index_bits(pattern.m)))
         new.meta = dict(node.meta)
         new.meta[META_KEY] = annotation
         node.replace_all_uses_with(new)
@@ -138,11 +141,14 @@ def _drop_dense(owner: torch.nn.Module, param: str, op: PrunableOp, pattern: Pat
     delattr(owner, param)
     delattr(owner, param + STATE_SUFFIX)
     if swap and param == "weight" and convertible:
-        become_nm_linear(owner, op.in_features, op.out_features, pattern, _packed_backend(backend), kind, op.transposed)
+        become_nm_linear(owner, op.in_features, op.out_features, pattern, layer_backend(backend), kind, op.transposed)
 
 
-def _packed_backend(backend: str) -> str:
-    return "auto" if backend == "semi_structured" else backend
+def layer_backend(backend: str) -> str:
+    """The backend a packed layer lowered with ``backend`` calls: ``"reference"``, or ``"auto"`` (the op's
+    kernel for the tensors' device; ``to_inference`` checked up front that an explicit ``"cpu"`` /
+    ``"triton"`` is the kernel that will run)."""
+    return "reference" if backend == "reference" else "auto"
 
 
 def _wants_semi_structured(backend: str, weight, pattern, op: PrunableOp) -> tuple[bool, str]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-import nmfx.inference_ops  # noqa: F401  (registers torch.ops.nmfx.nm_linear)
+from nmfx.inference_ops import OP_FOR_BACKEND
 from nmfx.layers import MaskedLinear, NMLinear
 from nmfx.meta import META_KEY
 from nmfx.state import NMState
@@ -27,6 +27,9 @@ __all__ = ["InvariantError", "verify", "OPAQUE_CALLS_KEY"]
 
 #: ``GraphModule.meta`` key: the graph's unannotated module calls are submodules rewritten on their own.
 OPAQUE_CALLS_KEY = "nmfx_opaque_calls"
+
+
+_PACKED_OPS = tuple(OP_FOR_BACKEND.values())
 
 
 class InvariantError(AssertionError):
@@ -47,7 +50,7 @@ def verify(gm: fx.GraphModule, rewritten: bool = False) -> None:
                 raise InvariantError(f"get_attr {node.target!r} does not resolve: {error}") from None
         if node.op == "call_function" and node.target is masked_linear:
             _check_masked(gm, node)
-        if node.op == "call_function" and node.target is torch.ops.nmfx.nm_linear.default:
+        if node.op == "call_function" and node.target in _PACKED_OPS:
             _check_packed(gm, node)
         if node.op == "call_module" and (META_KEY in node.meta or not gm.meta.get(OPAQUE_CALLS_KEY)):
             _check_module_call(gm, node)

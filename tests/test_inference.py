@@ -58,8 +58,8 @@ def test_matches_trained_model_and_drops_dense_weights(vit, vit_inference):
     assert "blocks.0.q.weight" in nmfx.masks(vit) and vit.training is False  # the trained model is untouched
 
 
-@pytest.mark.parametrize("backend", ["cpu", "auto"])
-def test_cpu_backend_matches_reference(vit_inference, backend):
+def test_cpu_backend_matches_reference(vit_inference):
+    """A layer's backend can be switched between the device's kernel ("auto") and the reference; nothing else."""
     from nmfx.kernels import cpu
 
     if not cpu.available():
@@ -68,9 +68,36 @@ def test_cpu_backend_matches_reference(vit_inference, backend):
     layers = [m for m in fast.modules() if isinstance(m, NMLinear)]
     assert len(layers) == 12 and {m.backend for m in layers} == {"reference"}
     for layer in layers:
-        layer.backend = backend
+        layer.backend = "auto"
     with torch.no_grad():
         torch.testing.assert_close(fast(X), vit_inference(X), rtol=1e-5, atol=1e-5)
+    for bad in ("cpu", "triton", "gpu"):
+        with pytest.raises(ValueError, match="backend must be 'auto'"):
+            layers[0].backend = bad
+    assert layers[0].backend == "auto"
+
+
+def test_explicit_kernel_requests_are_checked_at_lowering(vit, vit_inference, monkeypatch):
+    """backend="cpu" / "triton" lower to the same device-dispatched op, after checking that this kernel is the
+    one that will run: a CPU model cannot ask for Triton, and "cpu" without a C++ build is an error, not a
+    silent fallback. The model is left as it was."""
+    from nmfx.kernels import cpu
+
+    before = copy.deepcopy(vit.state_dict())
+    with pytest.raises(RuntimeError, match="backend='triton'.*cpu"):
+        nmfx.to_inference(vit, backend="triton")
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    monkeypatch.setattr(cpu, "build_error", lambda: "c++ exited with 1 (test)")
+    with pytest.raises(RuntimeError, match=r"backend='cpu'.*c\+\+ exited with 1 \(test\).*backend='reference'"):
+        nmfx.to_inference(vit, backend="cpu")
+    after = vit.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    monkeypatch.undo()
+    if cpu.available():
+        lowered = nmfx.to_inference(vit, backend="cpu")
+        assert {m.backend for m in lowered.modules() if isinstance(m, NMLinear)} == {"auto"}
+        with torch.no_grad():
+            torch.testing.assert_close(lowered(X), vit_inference(X), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
@@ -81,19 +108,24 @@ def test_low_precision(vit, dtype, tol):
         torch.testing.assert_close(inference(X.to(dtype)).float(), vit(X), rtol=tol, atol=tol)
 
 
-def test_compile_fullgraph_and_export(vit, vit_inference):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_compile_fullgraph_and_export(vit, vit_inference, backend):
+    """Both lowerings compile without graph breaks and export as one op per layer: nm_linear (whose kernel is
+    picked from the device when the program runs) or nm_linear_reference; no kernel name in the arguments."""
+    inference = vit_inference if backend == "reference" else nmfx.to_inference(vit)
+    op = torch.ops.nmfx.nm_linear_reference.default if backend == "reference" else torch.ops.nmfx.nm_linear.default
     torch._dynamo.reset()
-    compiled = torch.compile(vit_inference, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(inference, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(X), vit(X), rtol=1e-5, atol=1e-6)
-    exported = torch.export.export(vit_inference, (X,))
-    nodes = [n for n in exported.graph.nodes if n.target is torch.ops.nmfx.nm_linear.default]
-    assert len(nodes) == 12
+    exported = torch.export.export(inference, (X,))
+    nodes = [n for n in exported.graph.nodes if n.target is op]
+    assert len(nodes) == 12 and all(len(n.args) == 7 for n in nodes)
     torch.testing.assert_close(exported.module()(X), vit(X).detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_aoti_package_runs_in_a_fresh_process(vit, vit_inference, tmp_path):
-    exported = torch.export.export(vit_inference, (X,))
+def test_aoti_package_runs_in_a_fresh_process(vit, tmp_path):
+    exported = torch.export.export(nmfx.to_inference(vit), (X,))  # nm_linear: the C++ kernel in the new process
     package = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "vit.pt2"))
     torch.save({"x": X, "expected": vit(X).detach()}, tmp_path / "io.pt")
     script = textwrap.dedent(f"""

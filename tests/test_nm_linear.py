@@ -63,35 +63,34 @@ def test_reference_is_dense_linear(pattern, dtype, batch, with_bias, seed):
     for bits, idx in ((packed.index_bits, packed.indices), (8, packed.positions())):
         y = nm_linear_reference(x, packed.values, idx, b, p.n, p.m, bits)
         assert torch.equal(y, expected)
-        assert torch.equal(nm_linear(x, packed.values, idx, b, p.n, p.m, bits, "reference"), expected)
+        assert torch.equal(torch.ops.nmfx.nm_linear_reference(x, packed.values, idx, b, p.n, p.m, bits), expected)
 
 
 def test_opcheck_reference():
     p, packed, x, b = _case("2:8", torch.float32, (2, 3), 4, 5, 0, True)
-    op = torch.ops.nmfx.nm_linear.default
-    torch.library.opcheck(op, (x, packed.values, packed.indices, b, 2, 8, 3, "reference"))
-    torch.library.opcheck(op, (x, packed.values, packed.positions(), None, 2, 8, 8, "reference"))
+    op = torch.ops.nmfx.nm_linear_reference.default
+    torch.library.opcheck(op, (x, packed.values, packed.indices, b, 2, 8, 3))
+    torch.library.opcheck(op, (x, packed.values, packed.positions(), None, 2, 8, 8))
 
 
 def test_bad_inputs_raise_value_errors():
     p, packed, x, b = _case("1:8", torch.float32, (2,), 4, 6, 0, True)
     v, i = packed.values, packed.indices
-    with pytest.raises(ValueError, match="in_features=32"):
-        nm_linear(torch.randn(2, 40), v, i, b, 1, 8, 3, "reference")
-    with pytest.raises(ValueError, match="index_bits must be 8 or 3"):
-        nm_linear(x, v, i, b, 1, 8, 4, "reference")
-    with pytest.raises(ValueError, match="indices must be uint8"):
-        nm_linear(x, v, i[:, :1], b, 1, 8, 3, "reference")
-    with pytest.raises(ValueError, match="indices must be uint8"):
-        nm_linear(x, v, i, b, 1, 8, 8, "reference")
-    with pytest.raises(ValueError, match="bias must be"):
-        nm_linear(x, v, i, b[:3], 1, 8, 3, "reference")
-    with pytest.raises(ValueError, match="share a float32/bfloat16/float16 dtype"):
-        nm_linear(x.double(), v, i, b, 1, 8, 3, "reference")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        nm_linear(x, v, i, b, 1, 8, 3, "cuda")
-    with pytest.raises(ValueError, match="M <= 32"):
-        nm_linear(x, v, i, b, 1, 64, 3, "reference")
+    for fn in (nm_linear, torch.ops.nmfx.nm_linear_reference):
+        with pytest.raises(ValueError, match="in_features=32"):
+            fn(torch.randn(2, 40), v, i, b, 1, 8, 3)
+        with pytest.raises(ValueError, match="index_bits must be 8 or 3"):
+            fn(x, v, i, b, 1, 8, 4)
+        with pytest.raises(ValueError, match="indices must be uint8"):
+            fn(x, v, i[:, :1], b, 1, 8, 3)
+        with pytest.raises(ValueError, match="indices must be uint8"):
+            fn(x, v, i, b, 1, 8, 8)
+        with pytest.raises(ValueError, match="bias must be"):
+            fn(x, v, i, b[:3], 1, 8, 3)
+        with pytest.raises(ValueError, match="share a float32/bfloat16/float16 dtype"):
+            fn(x.double(), v, i, b, 1, 8, 3)
+        with pytest.raises(ValueError, match="M <= 32"):
+            fn(x, v, i, b, 1, 64, 3)
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
@@ -113,7 +112,7 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
         p, packed, x, b = _case("1:4", torch.float32, (3,), 2, 4, 0, True)
         python_impl = torch.ops.nmfx._nm_linear_python.default
         args = (x, packed.values, packed.indices, b, 1, 4, packed.index_bits)
-        y1, y2 = python_impl(*args, "cpu"), python_impl(*args, "auto")
+        y1, y2 = python_impl(*args), python_impl(*args)
     msgs = [str(w.message) for w in caught if "could not build the C++ CPU kernel" in str(w.message)]
     assert len(msgs) == 1 and "no compiler here" in msgs[0]
     assert not cpu.available()
@@ -163,7 +162,7 @@ def test_batch_dispatch_thresholds(cpu_kernel, pattern, dtype, batch, out, packe
     ref = nm_linear_reference(x, packed.values, idx, b, p.n, p.m, bits)
     _assert_matches_fp64(ref, x, packed, b)
     auto = cpu_kernel.nm_linear(x, packed.values, idx, b, p.n, p.m, bits, 0)
-    assert torch.equal(auto, torch.ops.nmfx.nm_linear(x, packed.values, idx, b, p.n, p.m, bits, "auto"))
+    assert torch.equal(auto, torch.ops.nmfx.nm_linear(x, packed.values, idx, b, p.n, p.m, bits))
     for path in (0, 1, 2):
         _assert_matches_fp64(cpu_kernel.nm_linear(x, packed.values, idx, b, p.n, p.m, bits, path), x, packed, b)
 
@@ -184,30 +183,30 @@ def test_kernel_wide_input(cpu_kernel, pattern, dtype, batch):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_op_3d_input(cpu_kernel, with_bias, dtype):
     p, packed, x, b = _case("1:8", dtype, (3, 11), 6, 21, 7, with_bias)
-    y = nm_linear_packed(x, packed, b, backend="cpu")
+    y = nm_linear_packed(x, packed, b)
     assert y.shape == (3, 11, 21)
     _assert_matches_fp64(y, x, packed, b)
-    y8 = nm_linear(x, packed.values, packed.positions(), b, 1, 8, 8, "cpu")
+    y8 = nm_linear(x, packed.values, packed.positions(), b, 1, 8, 8)
     assert torch.equal(y, y8)
 
 
 def test_opcheck_cpu(cpu_kernel):
     p, packed, x, b = _case("2:8", torch.float32, (2, 3), 4, 5, 0, True)
     op = torch.ops.nmfx.nm_linear.default
-    torch.library.opcheck(op, (x, packed.values, packed.indices, b, 2, 8, 3, "cpu"))
-    torch.library.opcheck(op, (x[0], packed.values, packed.positions(), None, 2, 8, 8, "auto"))
+    torch.library.opcheck(op, (x, packed.values, packed.indices, b, 2, 8, 3))
+    torch.library.opcheck(op, (x[0], packed.values, packed.positions(), None, 2, 8, 8))
 
 
 def test_cpu_calls_run_the_cpp_kernel_without_python(cpu_kernel):
     """Once the library is loaded, nmfx::nm_linear has a C++ kernel for the CPU dispatch key: an eager
-    "auto"/"cpu" call runs no nmfx Python code and returns exactly the extension's result; the other
-    backends and refused arguments still reach the Python implementation (its results and wording)."""
+    call runs no nmfx Python code and returns exactly the extension's result; nmfx::nm_linear_reference
+    and refused arguments still reach the Python implementation (its results and wording)."""
     import sys
 
     assert torch._C._dispatch_has_kernel_for_dispatch_key("nmfx::nm_linear", "CPU")
     p, packed, x, b = _case("1:8", torch.bfloat16, (3,), 8, 21, 1, True)
     args = (x, packed.values, packed.indices, b, 1, 8, packed.index_bits)
-    op = torch.ops.nmfx.nm_linear.default
+    op, reference_op = torch.ops.nmfx.nm_linear.default, torch.ops.nmfx.nm_linear_reference.default
     calls = []
     package_dir = str(Path(nmfx.__file__).resolve().parent) + "/"
 
@@ -221,33 +220,65 @@ def test_cpu_calls_run_the_cpp_kernel_without_python(cpu_kernel):
         with grad_mode():
             sys.setprofile(profile)
             try:
-                ys = [op(*args, backend) for backend in ("auto", "cpu")]
+                y = op(*args)
             finally:
                 sys.setprofile(None)
         assert calls == [], calls
-        for y in ys:
-            assert torch.equal(y, cpu_kernel.nm_linear(*args, 0))
+        assert torch.equal(y, cpu_kernel.nm_linear(*args, 0))
     sys.setprofile(profile)
     try:
-        y_ref = op(*args, "reference")
+        y_ref = reference_op(*args)
     finally:
         sys.setprofile(None)
     assert "nm_linear_reference" in calls
     assert torch.equal(y_ref, nm_linear_reference(*args))
     v, i = packed.values, packed.indices
-    for backend in ("auto", "cpu"):  # the kernel refuses these; the op's own message names the problem
-        with pytest.raises(ValueError, match="in_features=64"):
-            op(torch.randn(2, 40).bfloat16(), v, i, b, 1, 8, 3, backend)
-        with pytest.raises(ValueError, match="bias must be"):
-            op(x, v, i, b[:3], 1, 8, 3, backend)
-        with pytest.raises(ValueError, match="index_bits must be 8 or 3"):
-            op(x, v, i, b, 1, 8, 4, backend)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        op(*args, "cuda")
-    for backend in ("auto", "reference"):  # no backward: one through the result raises (C++ autograd kernel)
+    # the kernel refuses these; the op's own message names the problem
+    with pytest.raises(ValueError, match="in_features=64"):
+        op(torch.randn(2, 40).bfloat16(), v, i, b, 1, 8, 3)
+    with pytest.raises(ValueError, match="bias must be"):
+        op(x, v, i, b[:3], 1, 8, 3)
+    with pytest.raises(ValueError, match="index_bits must be 8 or 3"):
+        op(x, v, i, b, 1, 8, 4)
+    for fn in (op, reference_op):  # no backward: one through the result raises
         xg = x.detach().requires_grad_()
-        with pytest.raises(RuntimeError, match="not implemented"):
-            op(xg, *args[1:], backend).float().sum().backward()
+        with pytest.raises(RuntimeError, match="not implemented|no backward"):
+            fn(xg, *args[1:]).float().sum().backward()
+
+
+def test_kernels_are_registered_per_device():
+    """The schema names no kernel: the CPU and CUDA dispatch keys have kernels of their own (the C++ one is
+    registered by the extension when it loads; see the test above), every other device falls back to the
+    device-generic one; the reference is an op of its own."""
+    import nmfx.inference_ops as ops
+
+    schema = str(torch.ops.nmfx.nm_linear.default._schema)
+    assert "backend" not in schema and "str" not in schema, schema
+    assert str(torch.ops.nmfx.nm_linear_reference.default._schema).split("(", 1)[1] == schema.split("(", 1)[1]
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("nmfx::nm_linear", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("nmfx::nm_linear", "CompositeExplicitAutograd")
+    assert set(ops.OP_FOR_BACKEND) == {"auto", "reference"}
+
+
+def test_the_cuda_kernel_falls_back_to_the_reference_with_one_warning(monkeypatch):
+    """nm_linear's CUDA kernel runs Triton; where Triton cannot run it computes the reference and says why, once
+    (called directly here: this machine has no GPU)."""
+    import nmfx.inference_ops as ops
+    from nmfx.kernels import triton_nm
+
+    monkeypatch.setattr(triton_nm, "unavailable_reason", lambda *t: "no GPU in this test")
+    monkeypatch.setattr(ops, "_warned", set())
+    p, packed, x, b = _case("1:8", torch.float32, (3,), 4, 6, 0, True)
+    args = (x, packed.values, packed.indices, b, 1, 8, packed.index_bits)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ys = [ops._nm_linear_cuda(*args) for _ in range(2)]
+    assert [str(w.message) for w in caught if "no GPU in this test" in str(w.message)] != []
+    assert len([w for w in caught if "Triton" in str(w.message)]) == 1
+    for y in ys:
+        assert torch.equal(y, nm_linear_reference(*args))
+    with pytest.raises(ValueError, match="in_features=32"):
+        ops._nm_linear_cuda(torch.randn(2, 40), *args[1:])
 
 
 class _Packed(torch.nn.Module):
@@ -259,7 +290,7 @@ class _Packed(torch.nn.Module):
         self.n, self.m, self.bits = packed.pattern.n, packed.pattern.m, packed.index_bits
 
     def forward(self, x):
-        return torch.relu(torch.ops.nmfx.nm_linear(x, self.values, self.indices, self.bias, self.n, self.m, self.bits, "auto"))
+        return torch.relu(torch.ops.nmfx.nm_linear(x, self.values, self.indices, self.bias, self.n, self.m, self.bits))
 
 
 @pytest.mark.slow
@@ -278,8 +309,8 @@ def test_compile_fullgraph_and_export(cpu_kernel):
 
 
 def test_no_compiler_falls_back_to_the_reference_with_one_warning(tmp_path):
-    """With no working C++ compiler (CXX=/bin/false, empty build cache), 'auto' and 'cpu' still compute
-    the right result through the reference, and say so once."""
+    """With no working C++ compiler (CXX=/bin/false, empty build cache), the op still computes the right
+    result through the reference, and says so once."""
     import os
     import subprocess
     import sys
@@ -294,7 +325,7 @@ def test_no_compiler_falls_back_to_the_reference_with_one_warning(tmp_path):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             p = pack_nm(torch.randn(8, 32), "1:8")  # its nm_mask does not try the build; the op does
-            ys = [nm_linear_packed(x, p, None, backend=b) for b in ("auto", "cpu", "auto")]
+            ys = [nm_linear_packed(x, p, None) for _ in range(3)]
         expected = torch.nn.functional.linear(x, p.unpack())
         assert all(torch.allclose(y, expected, atol=1e-6) for y in ys)
         assert not cpu.available() and cpu.build_error()

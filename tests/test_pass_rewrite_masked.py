@@ -227,5 +227,5 @@ class TestModuleCalls:
         lower_inference(gm, backend="reference")
         verify(gm)
         assert type(module.fc) is NMLinear  # the same weight: one owner, packed once
-        assert sum(n.target is torch.ops.nmfx.nm_linear.default for n in gm.graph.nodes) == 2
+        assert sum(n.target is torch.ops.nmfx.nm_linear_reference.default for n in gm.graph.nodes) == 2
         torch.testing.assert_close(gm(x), expected)

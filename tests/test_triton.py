@@ -220,41 +220,44 @@ def test_late_interpret_env_is_refused_clearly(monkeypatch):
             _run(x, packed, b)
 
 
-def test_public_op_dispatch(interp):
-    """torch.ops.nmfx.nm_linear(..., backend="triton"), once nmfx.inference_ops dispatches to it."""
-    if "triton" not in ops.BACKENDS:
-        pytest.skip("nmfx.inference_ops has no 'triton' backend yet")
+def test_the_ops_cuda_kernel_runs_triton(interp):
+    """nm_linear's kernel for the CUDA dispatch key runs the Triton kernels (called directly here, in the
+    interpreter on CPU tensors: on a GPU the dispatcher calls it for CUDA tensors; see the GPU test below)."""
     _, packed, x, b = _case("1:8", torch.bfloat16, (2, 9), 4, 19, 4, True)  # 18 rows -> tiled
     p = packed.pattern
-    y = torch.ops.nmfx.nm_linear(x, packed.values, packed.indices, b, p.n, p.m, packed.index_bits, "triton")
+    calls = []
+    real = triton_nm.nm_linear_triton
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(triton_nm, "nm_linear_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+        y = ops._nm_linear_cuda(x, packed.values, packed.indices, b, p.n, p.m, packed.index_bits)
+        y1 = ops._nm_linear_cuda(x[0, :1], packed.values, packed.indices, b, p.n, p.m, packed.index_bits)  # GEMV
+    assert len(calls) == 2
     _assert_matches(y, x, packed, b)
-    y1 = ops.nm_linear_packed(x[0, :1], packed, b, backend="triton")  # 1 row -> GEMV
     _assert_matches(y1, x[0, :1], packed, b)
-    torch.library.opcheck(torch.ops.nmfx.nm_linear.default, (x[0, :3].float(), packed.values.float(), packed.positions(), None, 1, 8, 8, "triton"))
 
 
-def test_to_inference_with_triton_backend(interp):
-    """The public path: nmfx.to_inference(model, backend="triton") runs the Triton kernels (here in the
-    interpreter, on CPU tensors) and matches the trained model."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the op dispatches to Triton for CUDA tensors)")
+def test_to_inference_with_triton_backend_on_a_gpu():
+    """The public path: nmfx.to_inference(model.cuda(), backend="triton") runs nm_linear's CUDA kernel and
+    matches the trained model."""
     import nmfx
     from nmfx.examples import TinyViT
 
     torch.manual_seed(0)
-    x = torch.randn(3, 1, 8, 8)
-    model = nmfx.sparsify(TinyViT(dim=32, heads=2), "1:8", "ste", example_inputs=(x[:2],)).eval()
+    x = torch.randn(3, 1, 8, 8, device="cuda")
+    model = nmfx.sparsify(TinyViT(dim=32, heads=2).cuda(), "1:8", "ste", example_inputs=(x[:2],)).eval()
     inference = nmfx.to_inference(model, backend="triton")
     with torch.no_grad():
         torch.testing.assert_close(inference(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(IN_INTERPRETER or torch.cuda.is_available(), reason="checks a CPU-only process without the interpreter")
-def test_public_op_triton_backend_refuses_clearly():
-    if "triton" not in ops.BACKENDS:
-        pytest.skip("nmfx.inference_ops has no 'triton' backend yet")
+def test_the_cuda_kernel_says_why_triton_cannot_run(monkeypatch):
+    monkeypatch.setattr(ops, "_warned", set())
     _, packed, x, b = _case("1:8", torch.float32, (2,), 4, 5, 0, True)
-    with pytest.raises(ValueError, match="triton"):
-        ops.nm_linear_packed(x, packed, b, backend="triton")
-    torch.testing.assert_close(ops.nm_linear_packed(x, packed, b, backend="reference"), F.linear(x, packed.unpack(), b))
+    with pytest.warns(RuntimeWarning, match="CUDA is not available"):
+        y = ops._nm_linear_cuda(x, packed.values, packed.indices, b, 1, 8, packed.index_bits)
+    torch.testing.assert_close(y, F.linear(x, packed.unpack(), b))
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="needs triton imported in compiled mode")

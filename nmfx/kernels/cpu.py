@@ -7,7 +7,7 @@ whether the kernels could be built (building them if needed), ``build_error()`` 
 whether they are loaded or verified in the cache (loading them then, never compiling: what ``nm_mask``
 asks, so sparsify/training never starts the build; ``to_inference`` and the first ``nm_linear`` call do).
 Loading the library also registers ``torch.ops.nmfx.nm_linear``'s C++ kernel for the CPU dispatch key
-(and a C++ "no backward" autograd kernel), so eager CPU calls with backend "auto"/"cpu" run no Python.
+(and a C++ "no backward" autograd kernel), so eager calls of the op on CPU tensors run no Python.
 
 Build: ``torch.utils.cpp_extension.load`` compiles ``nm_linear_cpu.cpp`` and ``nm_mask_cpu.cpp`` once
 (about a minute; a line on stderr says so), with ``-O3`` and explicit ISA flags for the host's best

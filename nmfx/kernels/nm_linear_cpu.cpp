@@ -1019,27 +1019,23 @@ at::Tensor nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Te
 std::string isa() { return NMFX_ISA; }
 
 // torch.ops.nmfx.nm_linear for the CPU dispatch key (the schema is defined in nmfx/inference_ops.py;
-// registered when this library is loaded), so an eager call on CPU tensors with backend "auto" or
-// "cpu" runs no Python. Anything else goes to the op's Python implementation through the private op
-// nmfx::_nm_linear_python (same schema): backend "reference" / "triton" / an unknown name, and
-// arguments this kernel refuses, so that the error is the op's own ValueError wording (for a stored
-// position >= M the Python implementation calls this kernel again, which raises its message).
+// registered when this library is loaded), so an eager call on CPU tensors runs no Python. Arguments
+// this kernel refuses go to the op's Python implementation through the private op
+// nmfx::_nm_linear_python (same schema), so that the error is the op's own ValueError wording (for a
+// stored position >= M the Python implementation calls this kernel again, which raises its message).
 at::Tensor nm_linear_op_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& indices,
-                            const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, int64_t index_bits,
-                            c10::string_view backend) {
-  if (backend == "auto" || backend == "cpu") {
-    try {
-      return nm_linear(x, values, indices, bias, n, m, index_bits, 0);
-    } catch (const c10::ValueError&) {
-      // refused: let the Python implementation word the error (below)
-    }
+                            const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, int64_t index_bits) {
+  try {
+    return nm_linear(x, values, indices, bias, n, m, index_bits, 0);
+  } catch (const c10::ValueError&) {
+    // refused: let the Python implementation word the error (below)
   }
   static const auto python_impl =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("nmfx::_nm_linear_python", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                            c10::SymInt, c10::SymInt, c10::SymInt, c10::string_view)>();
-  return python_impl.call(x, values, indices, bias, c10::SymInt(n), c10::SymInt(m), c10::SymInt(index_bits), backend);
+                            c10::SymInt, c10::SymInt, c10::SymInt)>();
+  return python_impl.call(x, values, indices, bias, c10::SymInt(n), c10::SymInt(m), c10::SymInt(index_bits));
 }
 
 at::Tensor nm_mask(const at::Tensor& w, int64_t n, int64_t m);  // nm_mask_cpu.cpp

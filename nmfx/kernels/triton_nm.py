@@ -68,6 +68,8 @@ from typing import Optional
 
 import torch
 
+from nmfx.kernels.nm_linear_args import check_nm_linear_args
+
 try:  # ``tl`` is needed at module level: the kernel bodies below reference it as a global.
     import triton
     import triton.language as tl
@@ -412,9 +414,7 @@ def nm_linear_triton(
     ``{"BLOCK_O": 16, "BLOCK_K": 32}``) bypasses autotuning; ``split_k`` forces the GEMV K split.
     Raises ``RuntimeError`` when the kernels cannot run here (see :func:`unavailable_reason`).
     """
-    from nmfx.inference_ops import _check  # the op's own validation (ValueError naming the problem)
-
-    out, k, inp = _check(x, values, indices, bias, n, m, index_bits, "reference")
+    out, k, inp = check_nm_linear_args(x, values, indices, bias, n, m, index_bits)
     why = unavailable_reason(x, values, indices, bias)
     if why is not None:
         raise RuntimeError(f"nm_linear_triton: {why}")
