@@ -515,17 +515,9 @@ def build_error() -> Optional[str]:
     return _error
 
 
-def nm_linear(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    n: int,
-    m: int,
-    index_bits: int,
-    path: int = 0,
-) -> torch.Tensor:
-    """``x @ W^T + bias`` with the C++ kernel (see ``nmfx.inference_ops`` for the argument layout).
+def nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: Optional[torch.Tensor], n: int, m: int,
+              index_bits: int, path: int = 0) -> torch.Tensor:
+    """``x @ W^T + bias`` with the C++ kernel (the argument layout: ``nmfx.kernels.nm_linear_args``).
 
     ``path``: 0 picks by batch size, 1 forces the gather (GEMV) path, 2 the batched path; for tests.
     Raises RuntimeError if the kernel is unavailable.

@@ -395,14 +395,8 @@ def compile_offline(path: str, dtype: str, n: int, m: int, bits: int, config: di
 # Host entry point
 # --------------------------------------------------------------------------------------------------
 def nm_linear_triton(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    n: int,
-    m: int,
-    index_bits: int,
-    *,
+    x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias: Optional[torch.Tensor], n: int, m: int,
+    index_bits: int, *,
     path: Optional[str] = None,
     config: Optional[dict] = None,
     split_k: Optional[int] = None,
