@@ -9,12 +9,22 @@
     torchrun --nproc_per_node=2 examples/train_distributed.py --engine fsdp2 --checkpoint ckpt --checkpoint-every 50
     torchrun --nproc_per_node=2 examples/train_distributed.py --engine fsdp2 --checkpoint ckpt --resume ckpt/step-100
 
+    # the large-model recipe: build on the meta device, sparsify, shard, to_empty, weights from rank 0, refresh
+    torchrun --nproc_per_node=2 examples/train_distributed.py --engine fsdp2 --meta-init
+
 Every rank sparsifies the same model *before* wrapping it; ``nmfx.step`` after each optimizer step
 refreshes masks from the full parameters (all-gathered under FSDP2), so they agree on every rank.
 Checkpoints are ``torch.distributed.checkpoint`` directories of the model (dense weights, masks and
 schedule state: nmfx's state dict holds tensors only), the optimizer and the step, written with
 ``get_state_dict`` / ``set_state_dict`` so the same code serves DDP and FSDP2 (sharded parameters are
 saved sharded). A resumed run continues exactly like an uninterrupted one (the data order is replayed).
+
+With ``--meta-init`` no rank ever holds the whole model before sharding: the model is built and sparsified
+on the meta device (nmfx allocates its masks there and computes nothing), sharded, materialized with
+``to_empty``, given its weights by ``set_model_state_dict(..., full_state_dict=True, broadcast_from_rank0=True)``
+from a dense state dict that only rank 0 holds (here the same seeded init as without the flag, standing in
+for a pretrained checkpoint), and ``nmfx.refresh`` then computes every mask from those weights. The run is
+the same as without the flag, step for step.
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="", help="directory: DCP checkpoints go to <dir>/step-<k>")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     parser.add_argument("--resume", default="", help="a <dir>/step-<k> checkpoint to continue from")
+    parser.add_argument("--meta-init", action="store_true",
+                        help="build and sparsify on the meta device; weights broadcast from rank 0, then nmfx.refresh")
     args = parser.parse_args()
     if args.checkpoint_every and not args.checkpoint:
         parser.error("--checkpoint-every needs --checkpoint DIR")
@@ -52,17 +64,24 @@ def main() -> None:
         torch.cuda.set_device(device)
 
     x_train, y_train, x_test, y_test = digits()
+    build_on = torch.device("meta") if args.meta_init else device
     torch.manual_seed(0)  # same initial weights on every rank
-    model = TinyViT().to(device)
-    nmfx.sparsify(model, args.pattern, args.method, example_inputs=(x_train[:2].to(device),), total_steps=args.steps)
-    if args.engine == "ddp":
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    else:
+    with build_on:
+        model = TinyViT()
+    nmfx.sparsify(model, args.pattern, args.method, example_inputs=(x_train[:2].to(build_on),), total_steps=args.steps)
+    if args.engine == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
         for block in model.blocks:
             fully_shard(block)
-        wrapped = fully_shard(model)
+        fully_shard(model)
+    if args.meta_init:
+        model.to_empty(device=device)
+        if not args.resume:  # a resumed run takes weights and nmfx state from its checkpoint
+            load_dense_weights(model, device)
+    wrapped = model
+    if args.engine == "ddp":
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=3e-3)
     start = load_checkpoint(args.resume, model, opt) if args.resume else 0
     g = torch.Generator().manual_seed(1)  # same global batches on every rank; each takes its slice
@@ -92,6 +111,19 @@ def main() -> None:
     if args.checkpoint and not saved_in_loop:
         save_checkpoint(os.path.join(args.checkpoint, f"step-{args.steps}"), model, opt, args.steps)
     dist.destroy_process_group()
+
+
+def load_dense_weights(model: nn.Module, device: torch.device) -> None:
+    """Rank 0's dense state dict (a pretrained checkpoint in a real run; here the seeded init) into every
+    rank's shards, then nmfx.refresh: masks from these weights, schedules at step 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    dense = {}
+    if dist.get_rank() == 0:
+        torch.manual_seed(0)
+        dense = TinyViT().to(device).state_dict()
+    set_model_state_dict(model, dense, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    nmfx.refresh(model)  # a collective under FSDP2: every rank calls it
 
 
 def save_checkpoint(path: str, model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:

@@ -246,6 +246,39 @@ def test_two_process_training_matches_single_process(mode, single_process):
         assert result["resumed"], "resumed FSDP2 training diverged from the uninterrupted run"
 
 
+def _run_example(engine, *args):
+    import shutil
+    import subprocess
+    import sysconfig
+
+    torchrun = os.path.join(sysconfig.get_path("scripts"), "torchrun")
+    if not os.path.exists(torchrun):
+        torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "train_distributed.py")
+    done = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port", str(_free_port()), script,
+                           "--engine", engine, *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_example_meta_init_trains_exactly_like_in_memory_init(tmp_path):
+    """examples/train_distributed.py --meta-init (meta device, sparsify, fully_shard, to_empty, weights broadcast
+    from rank 0, nmfx.refresh) ends bit-identical to the same run built in memory."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    states = []
+    for name, flags in (("memory", []), ("meta", ["--meta-init"])):
+        _run_example("fsdp2", "--steps", "6", "--batch", "32", "--checkpoint", str(tmp_path / name), *flags)
+        dcp_to_torch_save(str(tmp_path / name / "step-6"), str(tmp_path / f"{name}.pt"))
+        states.append(torch.load(tmp_path / f"{name}.pt", weights_only=False)["model"])
+    memory, meta = states
+    assert memory.keys() == meta.keys() and any(key.endswith("_nm.mask") for key in meta)
+    for key, value in memory.items():
+        assert torch.equal(value, meta[key]), key
+
+
 @pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
 def test_example_checkpoints_and_resumes_exactly(engine, tmp_path):
     """examples/train_distributed.py: DCP checkpoints (model incl. nmfx state, optimizer, step) under both
