@@ -18,6 +18,14 @@ equal the plain model's; weight bytes of each model; and the **byte-ratio limit*
 step streams (every weight but the input-embedding table, of which a step reads a few rows) of the plain
 model over nmfx's, the speed-up a purely memory-bound batch-1 decode could reach — with the head dense
 (as measured) and with the head at the pattern too (``include=["head"]``; computed, not timed).
+
+Memory (``memory`` rows): each side is saved and loaded the way it is deployed, in a fresh process —
+the plain model with ``save_pretrained`` / ``from_pretrained(dir, dtype=...)`` (transformers' own
+meta-device loading), nmfx's with ``nmfx.save`` / ``nmfx.load(file, model_built_on_meta)`` — and the process's
+resident memory is read from ``/proc/self/status``: the growth after loading (``VmRSS``, after
+``gc.collect()``) and the peak while loading (``VmHWM``), both over the process's RSS once torch,
+transformers, nmfx and the architecture's modules are imported (and the nmfx C++ kernel is loaded from
+the cache), so they count the loaded model and what loading it took, not the libraries.
 Writes ``benchmarks/results/bench_e2e.json`` with the machine's CPU model and SIMD flags.
 """
 
@@ -26,6 +34,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,15 +143,74 @@ def build(config_name: str, config_kwargs: dict, pattern: str, seed: int = 0):
     return plain, sparse
 
 
+_LOAD_AND_MEASURE = r"""
+import gc, json, sys, torch, transformers
+import nmfx
+from nmfx.kernels import cpu
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field + " not in /proc/self/status")
+
+side, path, config_name, kwargs, dtype = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
+transformers.logging.set_verbosity_error()
+config = getattr(transformers, config_name)(**kwargs)
+with torch.device("meta"):  # imports the architecture's modules before the baseline is read
+    transformers.AutoModelForCausalLM.from_config(config)
+cpu.load(build=False)
+gc.collect()
+base = status("VmRSS")
+if side == "plain":  # what a user runs: transformers' own loading (meta init, then the checkpoint)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+else:
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    nmfx.load(path, model)
+gc.collect()
+measured = {"rss_bytes": status("VmRSS") - base, "peak_bytes": status("VmHWM") - base}
+with torch.no_grad():
+    assert torch.isfinite(model.eval()(torch.zeros(1, 4, dtype=torch.long)).logits).all()  # it runs
+print(json.dumps(measured))
+"""
+
+
+def memory_row(name: str, config_name: str, config_kwargs: dict, plain, packed, pattern: str, dtype: torch.dtype) -> dict:
+    """Resident memory of each side loaded as deployed, each in a fresh process (see the module docstring)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    row = {"model": name, "dtype": dtype_name, "pattern": pattern, "mode": "memory"}
+    with tempfile.TemporaryDirectory() as tmp:
+        plain_path, nmfx_path = os.path.join(tmp, "plain"), os.path.join(tmp, "nmfx.safetensors")
+        plain.save_pretrained(plain_path)
+        nmfx.save(packed, nmfx_path)
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        for side, path in (("plain", plain_path), ("nmfx", nmfx_path)):
+            done = subprocess.run([sys.executable, "-c", _LOAD_AND_MEASURE, side, path, config_name,
+                                   json.dumps(config_kwargs), dtype_name], capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise RuntimeError(f"memory measurement ({side}) failed:\n{done.stderr[-3000:]}")
+            measured = json.loads(done.stdout.strip().splitlines()[-1])
+            row[f"{side}_rss_bytes"], row[f"{side}_peak_bytes"] = measured["rss_bytes"], measured["peak_bytes"]
+    row["rss_ratio"] = row["plain_rss_bytes"] / row["nmfx_rss_bytes"]
+    print(f"{name:<18} {dtype_name:<8} memory           | plain {row['plain_rss_bytes'] / 2**20:8.1f} MiB "
+          f"(peak {row['plain_peak_bytes'] / 2**20:.1f}) | nmfx {row['nmfx_rss_bytes'] / 2**20:8.1f} MiB "
+          f"(peak {row['nmfx_peak_bytes'] / 2**20:.1f}) | {row['rss_ratio']:5.2f}x", flush=True)
+    return row
+
+
 def greedy(model, ids, new_tokens: int):
     return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                           pad_token_id=0, attention_mask=torch.ones_like(ids))
 
 
-def measure(name: str, plain, sparse, pattern: str, dtype: torch.dtype, args) -> list[dict]:
+def measure(name: str, config: tuple[str, dict], plain, sparse, pattern: str, dtype: torch.dtype, args) -> list[dict]:
     rows = []
     plain_d = plain if dtype == torch.float32 else copy.deepcopy(plain).to(dtype)
     packed = nmfx.to_inference(sparse, backend="cpu", dtype=None if dtype == torch.float32 else dtype)
+    if args.memory:
+        rows.append(memory_row(name, *config, plain_d, packed, pattern, dtype))
     if args.compile:
         for model in (plain_d, packed):
             model.forward = torch.compile(model.forward, dynamic=True)
@@ -194,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--compile", action="store_true", help="torch.compile both models' forward")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the resident-memory rows (two fresh processes per model and dtype)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--recompute-limits", action="store_true",
                         help="only rewrite --output's byte-ratio limits (no timing)")
@@ -218,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (config_name, kwargs) in configs(args.quick).items():
         plain, sparse = build(config_name, kwargs, args.pattern)
         for dtype_name in args.dtypes.split(","):
-            rows += measure(name, plain, sparse, args.pattern, getattr(torch, dtype_name), args)
+            rows += measure(name, (config_name, kwargs), plain, sparse, args.pattern, getattr(torch, dtype_name), args)
         del plain, sparse
     result = {"benchmark": "end-to-end inference: nmfx packed vs the plain model with the same masked weights",
               "machine": info, "kernel_isa": nmfx_cpu.isa(), "threads": args.threads, "quick": args.quick,

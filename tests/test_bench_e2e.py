@@ -21,7 +21,12 @@ def test_quick_run_compares_against_the_plain_model(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["machine"]["simd_flags"] is not None and result["kernel_isa"]
-    rows = result["rows"]
+    memory = [r for r in result["rows"] if r["mode"] == "memory"]
+    assert {r["dtype"] for r in memory} == {"float32", "bfloat16"}
+    for row in memory:  # each side loaded as deployed, in a fresh process
+        assert row["plain_rss_bytes"] > 0 and row["nmfx_rss_bytes"] > 0
+        assert row["plain_peak_bytes"] >= row["plain_rss_bytes"] and row["nmfx_peak_bytes"] >= row["nmfx_rss_bytes"]
+    rows = [r for r in result["rows"] if r["mode"] != "memory"]
     assert {(r["dtype"], r["mode"]) for r in rows} == {(d, m) for d in ("float32", "bfloat16") for m in ("decode", "prefill")}
     for row in rows:
         assert row["plain_ms"] > 0 and row["nmfx_ms"] > 0
