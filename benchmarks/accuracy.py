@@ -790,9 +790,36 @@ def design_tables(records: list[dict]) -> str:
                 out.append(f"| {_design_label(method, variant)} | " + " | ".join(cells) + " |")
                 flop_rows.append(f"| {_design_label(method, variant)} | " + " | ".join(fcells) + " |")
             out.append(f"\n**Training FLOPs relative to dense (paper counting) and mean wall time per run** "
-                       f"({task}, {steps} steps)\n")
+                       f"({task}, {steps} steps; wall times are on a shared machine)\n")
             out += [head, sep] + flop_rows + [""]
+            out += _trajectory(rl, patterns, digits)
     return "\n".join(out)
+
+
+def _trajectory(rl: list[dict], patterns: list[str], digits: int) -> list[str]:
+    """Mean metric at the evaluation checkpoints (the records' ``curve``), per recipe and pattern."""
+    out = []
+    for p in patterns:
+        rows = []
+        for method, variant in _design_recipes(rl):
+            cell = [r for r in rl if r["method"] == method and r["variant"] == variant
+                    and r["pattern"] == (None if method == "dense" else p)]
+            if not cell:
+                continue
+            points = sorted({c[0] for r in cell for c in r["curve"]})
+            means = [statistics.fmean(c[2] for r in cell for c in r["curve"] if c[0] == t) for t in points]
+            rows.append((method, variant, points, means))
+        if not rows:
+            continue
+        points = rows[0][2]
+        out.append(f"**{p}: mean {rl[0]['metric_name']} at the evaluation checkpoints** (step: value)\n")
+        out.append("| recipe | " + " | ".join(f"step {t}" for t in points) + " |")
+        out.append("| --- |" + " --- |" * len(points))
+        for method, variant, pts, means in rows:
+            if pts == points:
+                out.append(f"| {_design_label(method, variant)} | " + " | ".join(f"{m:.{digits}f}" for m in means) + " |")
+        out.append("")
+    return out
 
 
 def plot_design(records: list[dict], out: Path) -> list[Path]:
