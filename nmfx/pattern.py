@@ -13,8 +13,6 @@ from typing import Union
 
 import torch
 
-from nmfx.kernels import cpu as _cpu_kernel
-
 __all__ = ["Pattern", "PatternLike", "nm_mask", "MAX_M"]
 
 #: Largest group size a mask may use. SDGF's geometric schedule passes through 8:64 on its way to
@@ -117,7 +115,9 @@ def nm_mask(weight: torch.Tensor, pattern: PatternLike, dim: int = -1) -> torch.
         return torch.ones_like(weight, dtype=torch.bool)
     moved = weight.detach().movedim(dim, -1)
     if _cpu_kernel_applies(moved):
-        keep = _cpu_kernel.nm_mask(moved, pattern.n, pattern.m)
+        from nmfx.kernels import cpu  # kernels are imported when first used, never when nmfx is imported
+
+        keep = cpu.nm_mask(moved, pattern.n, pattern.m)
     else:
         keep = _nm_mask_torch(moved, pattern.n, pattern.m)
     return keep.movedim(-1, dim).contiguous()
@@ -130,8 +130,12 @@ def _cpu_kernel_applies(t: torch.Tensor) -> bool:
     """The one-pass C++ kernel serves plain CPU tensors outside compilation (fake and other tensor
     subclasses, CUDA tensors and float64 take the plain-torch path), once it is built (a verified
     library in the cache is loaded; a missing one is not compiled here, in the middle of training setup)."""
-    return (t.device.type == "cpu" and t.dtype in _CPU_KERNEL_DTYPES and type(t) is torch.Tensor
-            and not torch.compiler.is_compiling() and _cpu_kernel.cached() and _cpu_kernel.load() is not None)
+    if not (t.device.type == "cpu" and t.dtype in _CPU_KERNEL_DTYPES and type(t) is torch.Tensor
+            and not torch.compiler.is_compiling()):
+        return False
+    from nmfx.kernels import cpu
+
+    return cpu.cached() and cpu.load() is not None
 
 
 def _nm_mask_torch(moved: torch.Tensor, n: int, m: int) -> torch.Tensor:
