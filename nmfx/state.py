@@ -149,10 +149,12 @@ class NMState(nn.Module):
         pattern_changed = getattr(self, "_mask_pattern", None) != state.pattern
         due = int(self.step) % self.method.mask_interval == 0 and not state.mask_frozen
         if force or pattern_changed or due:
-            scores = _full(weight)
-            if self.method.monotone_mask and not force:  # gmp: pruned weights count as zero and never return
-                scores = scores * self.mask
-            new_mask = nm_mask(scores, state.pattern, dim=self.dim)
+            monotone = self.method.monotone_mask and not force  # gmp: pruned weights count as zero, never return
+            if not monotone and _shard_local(weight, state.pattern, self.dim):
+                new_mask = _gathered_mask(weight, state.pattern, self.dim)
+            else:
+                scores = _full(weight)
+                new_mask = nm_mask(scores * self.mask if monotone else scores, state.pattern, dim=self.dim)
             flips = torch.zeros(()) if force else (new_mask != self.mask).float().mean()
             self.last_flip_rate.copy_(flips)
             self.mask.copy_(new_mask)
@@ -411,6 +413,38 @@ def _describe(value: Any) -> str:
     if isinstance(value, Tensor):
         return f"{type(value).__name__}(dtype={value.dtype}, shape={tuple(value.shape)})"
     return f"{type(value).__name__} {value!r:.60}"
+
+
+def _shard_local(weight: Tensor, pattern: Pattern, dim: int) -> bool:
+    """``weight`` is a DTensor (FSDP2) whose shard boundaries never split a group of ``pattern.m`` along
+    ``dim``: each rank can compute its shard's mask alone. True for FSDP2's ``Shard(0)`` of a Linear weight
+    (groups run along dim 1); along the group dim only when every shard's length is a multiple of M."""
+    placements = getattr(weight, "placements", None)
+    if placements is None or not hasattr(weight, "to_local"):
+        return False
+    along_groups = 0
+    for mesh_dim, placement in enumerate(placements):
+        if placement.is_replicate():
+            continue
+        if not placement.is_shard():
+            return False  # Partial: the local tensor is not a slice of the weight
+        if placement.dim % weight.dim() == dim:
+            along_groups += 1
+            chunk = -(-weight.shape[dim] // weight.device_mesh.size(mesh_dim))  # DTensor shards like torch.chunk
+            if chunk % pattern.m:
+                return False
+    return along_groups <= 1
+
+
+def _gathered_mask(weight: Tensor, pattern: Pattern, dim: int) -> Tensor:
+    """The whole mask of a sharded ``weight`` (:func:`_shard_local` holds): each rank's shard's mask, gathered as
+    bytes — 1 byte per element instead of the weight's 2-8, and each rank masks only its own shard."""
+    from torch.distributed.tensor import DTensor
+
+    local = nm_mask(weight.to_local(), pattern, dim=dim).view(torch.uint8)
+    shards = DTensor.from_local(local, weight.device_mesh, weight.placements, shape=weight.shape,
+                                stride=weight.stride())
+    return shards.full_tensor().view(torch.bool)
 
 
 def _full(weight: Tensor) -> Tensor:

@@ -190,10 +190,32 @@ def _run_meta_flow(rank: int, out: str) -> None:
                         for a, b in zip(model.parameters(), resumed.parameters()))
     resumed_same &= all(int(a.step) == int(b.step) == FLOW_STEPS + FLOW_MORE
                         for a, b in zip(found.values(), nmfx.states(resumed).values()))
-    local_mask_elements = sum(mask.numel() for mask in nmfx.masks(model).values())
+    shard_local = _shard_local_masks(model)
     if rank == 0:
         torch.save({"masks": masks, "weights": weights, "follows": follows, "resumed": resumed_same,
-                    "refused": refused_before_refresh, "local_mask_elements": local_mask_elements}, out)
+                    "refused": refused_before_refresh, "shard_local": shard_local}, out)
+
+
+def _shard_local_masks(model) -> dict:
+    """Every Llama weight is FSDP2-sharded on dim 0 and grouped along dim 1: its mask is computed from the
+    local shard and gathered as bytes, equal to the mask of the gathered weight. A weight sharded along its
+    groups with shards that split a group takes the gathered-weight path."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from nmfx.state import _gathered_mask, _shard_local
+
+    found = nmfx.states(model)
+    weights = {name: model.get_parameter(name) for name in found}
+    local = all(_shard_local(weights[name], state.schedule.pattern, state.dim) for name, state in found.items())
+    same = all(torch.equal(_gathered_mask(weights[name], nmfx.Pattern(1, 8), state.dim),
+                           nmfx.nm_mask(weights[name].full_tensor(), "1:8", dim=state.dim))
+               for name, state in found.items())
+    mesh = next(iter(weights.values())).device_mesh
+    split = distribute_tensor(torch.randn(24, 8), mesh, [Shard(0)])  # shards of 12 rows: groups of 8 split
+    whole = distribute_tensor(torch.randn(32, 8), mesh, [Shard(0)])  # shards of 16 rows: they do not
+    return {"all local": local, "same masks": same, "split refused": not _shard_local(split, nmfx.Pattern(1, 8), 0),
+            "whole taken": _shard_local(whole, nmfx.Pattern(1, 8), 0)
+            and torch.equal(_gathered_mask(whole, nmfx.Pattern(1, 8), 0), nmfx.nm_mask(whole.full_tensor(), "1:8", 0))}
 
 
 def _worker(rank: int, mode: str, port: int, out: str) -> None:
@@ -343,6 +365,7 @@ def test_meta_device_flow_under_fsdp2_matches_single_process():
     assert result["refused"], "nmfx.step before nmfx.refresh was not refused with the fix named"
     assert result["follows"], "a mask is not the N:M mask of its (full) parameter"
     assert result["resumed"], "the run resumed from the DCP checkpoint diverged from the uninterrupted one"
+    assert result["shard_local"] == {"all local": True, "same masks": True, "split refused": True, "whole taken": True}
     ref_masks, ref_weights = _single_process_meta_flow()
     assert result["masks"].keys() == ref_masks.keys() and len(ref_masks) == 14
     for name, mask in result["masks"].items():
