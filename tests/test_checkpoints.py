@@ -471,3 +471,23 @@ def test_sharded_save_pretrained_round_trip(tmp_path, quiet_transformers):
     restored = hf.from_pretrained(transformers.GPT2LMHeadModel, tmp_path)
     _assert_same_state(restored, _snapshot(model))
     assert torch.equal(restored(IDS).logits, model(IDS).logits)
+
+
+def test_dense_checkpoint_refused_by_a_computed_model_and_taken_by_a_meta_built_one():
+    """A model sparsified in memory has masks of its own weights: a dense checkpoint is refused (load before
+    sparsify). One sparsified on the meta device and materialized has none: it takes the dense checkpoint whole,
+    and nmfx.refresh computes its masks, as sparsifying the loaded model would."""
+    torch.manual_seed(9)
+    dense = MLP()
+    with pytest.raises(ValueError, match=r"then call nmfx\.refresh\(model\)"):
+        _sparsified().load_state_dict(dense.state_dict())
+    with torch.device("meta"):
+        meta = nmfx.sparsify(MLP(), "1:8", "mdgf", **CASES["mdgf"])
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(dense.state_dict())
+    with pytest.raises(RuntimeError, match=r"nmfx\.refresh\(model\)"):
+        meta(X)
+    nmfx.refresh(meta)
+    fresh = MLP()
+    fresh.load_state_dict(dense.state_dict())
+    _assert_same_state(meta, nmfx.sparsify(fresh, "1:8", "mdgf", **CASES["mdgf"]).state_dict())
