@@ -200,9 +200,12 @@ def memory_row(name: str, config_name: str, config_kwargs: dict, plain, packed, 
     return row
 
 
-def greedy(model, ids, new_tokens: int):
+def greedy(model, ids, new_tokens: int, static_cache: bool = False):
+    """Greedy decode; ``static_cache`` (for compiled models) preallocates the KV cache so every decode step
+    has the same shapes and the compiled forward is reused instead of recompiled (transformers' recipe)."""
+    extra = {"cache_implementation": "static"} if static_cache else {}
     return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                          pad_token_id=0, attention_mask=torch.ones_like(ids))
+                          pad_token_id=0, attention_mask=torch.ones_like(ids), **extra)
 
 
 def measure(name: str, config: tuple[str, dict], plain, sparse, pattern: str, dtype: torch.dtype, args) -> list[dict]:
@@ -212,8 +215,11 @@ def measure(name: str, config: tuple[str, dict], plain, sparse, pattern: str, dt
     if args.memory:
         rows.append(memory_row(name, *config, plain_d, packed, pattern, dtype))
     if args.compile:
+        # Both models run the same forward code object, and dynamo's recompile limit (8) counts per code
+        # object: every batch size / prompt length of both models needs its own entries.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for model in (plain_d, packed):
-            model.forward = torch.compile(model.forward, dynamic=True)
+            model.forward = torch.compile(model.forward)
     vocab = plain.config.vocab_size
     common = {"model": name, "dtype": str(dtype).removeprefix("torch."), "pattern": pattern,
               "compiled": bool(args.compile), **byte_limits(plain_d, packed, pattern, dtype)}
@@ -221,11 +227,11 @@ def measure(name: str, config: tuple[str, dict], plain, sparse, pattern: str, dt
     with torch.no_grad():
         for batch in args.decode_batches:
             ids = torch.randint(0, vocab, (batch, 8), generator=generator)
-            same = torch.equal(greedy(plain_d, ids, args.new_tokens), greedy(packed, ids, args.new_tokens))
+            same = torch.equal(greedy(plain_d, ids, args.new_tokens, args.compile), greedy(packed, ids, args.new_tokens, args.compile))
             if args.wait_quiet:
                 wait_quiet(0.15, args.wait_quiet)
-            t = time_interleaved({"plain": lambda: greedy(plain_d, ids, args.new_tokens),
-                                  "nmfx": lambda: greedy(packed, ids, args.new_tokens)}, args.reps, args.reps, 0.0)
+            t = time_interleaved({"plain": lambda: greedy(plain_d, ids, args.new_tokens, args.compile),
+                                  "nmfx": lambda: greedy(packed, ids, args.new_tokens, args.compile)}, args.reps, args.reps, 0.0)
             tokens = batch * args.new_tokens
             rows.append({**common, "mode": "decode", "batch": batch, "new_tokens": args.new_tokens,
                          "plain_ms": t["plain"] * 1e3, "nmfx_ms": t["nmfx"] * 1e3, "speedup": t["plain"] / t["nmfx"],
@@ -234,10 +240,10 @@ def measure(name: str, config: tuple[str, dict], plain, sparse, pattern: str, dt
             _print(rows[-1])
         for length in args.prefill:
             ids = torch.randint(0, vocab, (1, length), generator=generator)
-            agree = (plain_d(ids).logits.argmax(-1) == packed(ids).logits.argmax(-1)).float().mean().item()
+            agree = (plain_d(input_ids=ids).logits.argmax(-1) == packed(input_ids=ids).logits.argmax(-1)).float().mean().item()
             if args.wait_quiet:
                 wait_quiet(0.15, args.wait_quiet)
-            t = time_interleaved({"plain": lambda: plain_d(ids), "nmfx": lambda: packed(ids)}, args.reps, args.reps, 0.0)
+            t = time_interleaved({"plain": lambda: plain_d(input_ids=ids), "nmfx": lambda: packed(input_ids=ids)}, args.reps, args.reps, 0.0)
             rows.append({**common, "mode": "prefill", "batch": 1, "tokens": length, "plain_ms": t["plain"] * 1e3,
                          "nmfx_ms": t["nmfx"] * 1e3, "speedup": t["plain"] / t["nmfx"],
                          "plain_tokens_per_s": length / t["plain"], "nmfx_tokens_per_s": length / t["nmfx"],
