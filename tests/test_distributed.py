@@ -11,6 +11,8 @@ import tempfile
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
@@ -374,3 +376,34 @@ def test_meta_device_flow_under_fsdp2_matches_single_process():
     for name, weight in result["weights"].items():
         assert weight.dtype == torch.float64
         torch.testing.assert_close(weight, ref_weights[name], rtol=1e-12, atol=1e-13, msg=name)
+
+
+class _FakeShard:
+    """What nmfx.state._shard_local reads of an FSDP2 DTensor parameter: shape, placements and mesh sizes."""
+
+    def __init__(self, shape, placements, mesh_sizes):
+        self.shape, self.placements = torch.Size(shape), placements
+        self.device_mesh = type("Mesh", (), {"size": lambda _, i: mesh_sizes[i]})()
+
+    def dim(self):
+        return len(self.shape)
+
+    def to_local(self):
+        raise AssertionError("the predicate must not read data")
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups=st.integers(1, 40), m=st.sampled_from([2, 4, 8, 16]), world=st.integers(1, 9), dim=st.sampled_from([0, 1]))
+def test_shard_local_exactly_when_no_shard_boundary_splits_a_group(groups, m, world, dim):
+    """FSDP2 shards dim 0 like torch.chunk; a shard's mask can be computed alone iff no chunk boundary falls
+    inside a group of M along the group dim (always, when the groups run along the other dim)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    from nmfx.state import _shard_local
+
+    shape = (groups * m, 3 * m) if dim == 0 else (5, groups * m)
+    boundaries = [int(chunk[0]) for chunk in torch.arange(shape[0]).chunk(world)]
+    expected = dim != 0 or all(b % m == 0 for b in boundaries)
+    assert _shard_local(_FakeShard(shape, (Shard(0),), [world]), nmfx.Pattern(1, m), dim) == expected
+    assert _shard_local(_FakeShard(shape, (Replicate(), Shard(0)), [2, world]), nmfx.Pattern(1, m), dim) == expected
+    assert not _shard_local(torch.zeros(shape), nmfx.Pattern(1, m), dim)  # a plain tensor: nothing to shard
