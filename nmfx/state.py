@@ -101,7 +101,7 @@ class NMState(nn.Module):
         """Start the schedule over from the current ``weight``: step 0, its alpha / lambda, the config, and
         the mask of ``weight`` at step 0's pattern (what building the state from ``weight`` gives). Buffers
         on the meta device are allocated on the weight's device first. ``weight`` may be an FSDP2 shard
-        (then this is a collective: it gathers the full weight)."""
+        (then this is a collective: every rank calls it)."""
         if weight.is_meta:
             raise RuntimeError(f"cannot compute the mask of {self.param_name}: its weight is on the meta device "
                                "(materialize the model with to_empty and load or initialise its weights first)")
@@ -221,6 +221,10 @@ class NMState(nn.Module):
         elif getattr(fn, "__qualname__", "").startswith("Module.to_empty."):
             self.needs_refresh = "to_empty left its buffers uninitialised"
         return out
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("needs_refresh", None)  # pickled by an nmfx without the flag: its state was computed
+        super().__setstate__(state)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())

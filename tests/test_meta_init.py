@@ -339,3 +339,14 @@ def test_meta_flow_equals_in_memory_for_any_pattern_and_method(pattern, method, 
     nmfx.refresh(model)
     _assert_same_state(model, reference)
     assert torch.equal(model(X), reference(X))
+
+
+def test_a_state_pickled_before_the_flag_existed_loads_as_computed():
+    model = _sparsify(MLP())
+    state = nmfx.states(model)["fc1.weight"]
+    old = state.__getstate__()
+    del old["needs_refresh"]  # what an nmfx without meta-device support pickled
+    restored = type(state).__new__(type(state))
+    restored.__setstate__(old)
+    assert restored.needs_refresh is None
+    assert restored.schedule == state.schedule
