@@ -324,7 +324,7 @@ def test_flag_survives_pickle_and_deepcopy():
 
 
 @settings(max_examples=10, deadline=None)
-@given(pattern=st.sampled_from(["1:4", "2:4", "1:8", "2:8"]), method=st.sampled_from(["ste", "srste", "mdgf", "sdgf"]),
+@given(pattern=st.sampled_from(["1:4", "2:4", "1:8", "2:8"]), method=st.sampled_from(["dense", "ste", "srste", "mdgf", "sdgf", "gmp"]),
        seed=st.integers(0, 2**16))
 def test_meta_flow_equals_in_memory_for_any_pattern_and_method(pattern, method, seed):
     torch.manual_seed(seed)
@@ -339,6 +339,14 @@ def test_meta_flow_equals_in_memory_for_any_pattern_and_method(pattern, method, 
     nmfx.refresh(model)
     _assert_same_state(model, reference)
     assert torch.equal(model(X), reference(X))
+    for trained in (model, reference):  # the schedules run on identically (stage changes, gmp's pruning)
+        opt = torch.optim.SGD(trained.parameters(), lr=0.1)
+        for _ in range(4):
+            trained(X).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            nmfx.step(trained)
+    _assert_same_state(model, reference)
 
 
 def test_a_state_pickled_before_the_flag_existed_loads_as_computed():
