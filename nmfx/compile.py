@@ -32,21 +32,27 @@ around every pass together with the graph invariants of :func:`nmfx.passes.verif
    submodules by their graphs, turns rewritten ``nn.Linear`` calls into ``MaskedLinear`` calls and swaps the
    root's forward; ``install_multihead_attention`` attaches the MHA states and swaps their class.
 
-**to_inference / load** (:func:`lower_graph`, called by ``nmfx.to_inference``; ``nmfx.load`` runs
-``sparsify`` + a structure-only ``to_inference`` on a staging copy): :data:`LOWER_PIPELINE` on every
-rewritten graph:
+**to_inference / load** (:func:`lower_graphs`, called by ``nmfx.to_inference``; ``nmfx.load`` runs
+``sparsify`` + a structure-only ``to_inference`` on a staging copy): :data:`LOWER_PIPELINE`, pass by
+pass over every rewritten graph of the model (each pass runs on all graphs before the next starts):
 
    ==================  ====================  =====================  ==========================================
-   lower_inference     sparsified, skip      packed, skip           ``nm_linear`` over packed buffers
+   pass                requires              ensures                does
+   ==================  ====================  =====================  ==========================================
+   plan_lowering       sparsified, skip      sparsified, skip       packs each weight into a plan in node.meta
+   lower_inference     sparsified, skip      packed, skip           installs the plans: ``nm_linear`` nodes
+                                                                    over packed buffers, owners -> NMLinear
    ==================  ====================  =====================  ==========================================
 
-then ``verify``; lone ``MaskedLinear`` layers are lowered by ``lower_weight`` (same packing).
+then ``verify(rewritten=True)``. Lone ``MaskedLinear`` layers are planned with ``plan_weight`` alongside the
+planning pass and installed with ``lower_weight`` after the graphs. Every plan (the packing, where user
+input can fail) is made before anything is installed, so a failed lowering changes nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from torch import fx, nn
 
@@ -55,7 +61,7 @@ from nmfx.layers import is_plain_linear
 from nmfx.meta import META_KEY, annotated_nodes
 from nmfx.passes.attention import tag_roles
 from nmfx.passes.find_prunable import find_prunable
-from nmfx.passes.lower_inference import lower_inference
+from nmfx.passes.lower_inference import lower_inference, plan_lowering
 from nmfx.passes.pipeline import Pass, run_pipeline
 from nmfx.passes.policy import Policy, apply_policy
 from nmfx.passes.rewrite_masked import rewrite_masked
@@ -67,7 +73,7 @@ from nmfx.report import ReportRow, default_pattern
 from nmfx.tracing import analysis_graph, install_scope, rewrite_scopes
 
 __all__ = ["SPARSIFY_PIPELINE", "LOWER_PIPELINE", "Context", "run_sparsify_pipeline", "sparsify_model",
-           "lower_graph", "Compiled"]
+           "lower_graphs", "Compiled"]
 
 
 @dataclass
@@ -97,7 +103,9 @@ SPARSIFY_PIPELINE: tuple[Pass, ...] = (
 )
 
 LOWER_PIPELINE: tuple[Pass, ...] = (
-    Pass("lower_inference", lambda gm, ctx: lower_inference(gm, backend=ctx.backend, structure_only=ctx.structure_only),
+    Pass("plan_lowering", lambda gm, ctx: plan_lowering(gm, backend=ctx.backend, structure_only=ctx.structure_only),
+         _statuses("sparsified", "skip"), _statuses("sparsified", "skip")),
+    Pass("lower_inference", lambda gm, ctx: lower_inference(gm, backend=ctx.backend),
          _statuses("sparsified", "skip"), _statuses("packed", "skip")),
 )
 
@@ -165,11 +173,20 @@ def sparsify_model(model: nn.Module, config: SparsifyConfig, example_inputs: Any
     return Compiled(rows, context.frontend, note)
 
 
-def lower_graph(gm: fx.GraphModule, backend: str, structure_only: bool = False) -> fx.GraphModule:
-    """Run :data:`LOWER_PIPELINE` on one rewritten graph."""
-    run_pipeline(LOWER_PIPELINE, gm, Context(backend=backend, structure_only=structure_only))
-    verify(gm, rewritten=True)
-    return gm
+def lower_graphs(gms: list[fx.GraphModule], backend: str, structure_only: bool = False,
+                 before_install: Callable[[], Any] = lambda: None) -> Any:
+    """Run :data:`LOWER_PIPELINE` over ``gms`` pass by pass: the planning pass on every graph, then
+    ``before_install()`` (the caller's own planning; its result is returned), then the install pass on
+    every graph, then ``verify``. A failure before the install pass leaves every graph and module as it was."""
+    context = Context(backend=backend, structure_only=structure_only)
+    plan, install = LOWER_PIPELINE
+    for gm in gms:
+        run_pipeline((plan,), gm, context)
+    planned = before_install()
+    for gm in gms:
+        run_pipeline((install,), gm, context)
+        verify(gm, rewritten=True)
+    return planned
 
 
 def _tied_parameters(model: nn.Module) -> dict[str, str]:

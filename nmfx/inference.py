@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from nmfx.accessors import graphs, record, states
-from nmfx.compile import lower_graph
+from nmfx.compile import lower_graphs
 from nmfx.layers import MaskedLinear, NMLinear, is_conv1d
 from nmfx.meta import META_KEY, PrunableOp, annotated_nodes
 from nmfx.packed import MAX_PACKED_M
 from nmfx.pattern import nm_mask
-from nmfx.passes.lower_inference import SEMI_SUFFIX, lower_weight
+from nmfx.passes.lower_inference import PLAN_KEY, SEMI_SUFFIX, lower_weight, plan_weight
 from nmfx.passes.rewrite_modules import MaskedMultiheadAttention
+from nmfx.refresh import require_refreshed
 from nmfx.state import NMState
 from nmfx.tracing import ROOT_GRAPH_ATTR, TRACED_FROM_KEY, sync_root
 
@@ -63,9 +64,11 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(LOWERING_BACKENDS)}")
     if is_inference(model):
         raise ValueError("this model is already an nmfx inference model")
-    unfinished = {name: s.schedule for name, s in states(model).items()
-                  if s.schedule.alpha != 0.0 or s.schedule.pattern != s.pattern}
-    if unfinished and not force and not _structure_only:
+    if not _structure_only:  # a structure-only rebuild (nmfx.load) has no real weights or masks yet
+        require_refreshed(model, "nmfx.to_inference")
+    unfinished = {} if _structure_only else {name: s.schedule for name, s in states(model).items()
+                                             if s.schedule.alpha != 0.0 or s.schedule.pattern != s.pattern}
+    if unfinished and not force:
         name, state = next(iter(unfinished.items()))
         raise ValueError(f"{len(unfinished)} weights have not reached the hard {found.config.describe_pattern()} mask "
                          f"(e.g. {name}: alpha={state.alpha:.3g}, pattern {state.pattern} of target "
@@ -80,31 +83,42 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
     target = model if inplace else copy.deepcopy(model)
     if dtype is not None:
         target.to(dtype)
-    if unfinished and not _structure_only:
+    if unfinished:
         warnings.warn(f"nmfx.to_inference(force=True): {len(unfinished)} weights pruned to {found.config.describe_pattern()} before "
                       "their schedule ended; outputs differ from the trained model's", stacklevel=2)
         with torch.no_grad():
             for name, state in states(target).items():
                 state.mask.copy_(nm_mask(target.get_parameter(name), state.pattern, dim=state.dim))
     _check_backend_runs(target, backend)
+    scoped = graphs(target)
+
+    def plan_lone_layers() -> list:
+        """Plans for the MaskedLinear layers that no graph lowers (sparsified alone), made after the graphs'."""
+        called = {id(gm.get_submodule(node.target)) for gm in scoped.values() for node in gm.graph.nodes
+                  if node.op == "call_module" and PLAN_KEY in node.meta}
+        plans = []
+        for name, module in target.named_modules():
+            if isinstance(module, MaskedLinear) and id(module) not in called:
+                weight = f"{name}.weight" if name else "weight"
+                op = PrunableOp(kind="linear", weight=weight, target="weight", bias="bias" if module.bias is not None
+                                else None, transposed=False, weight_shape=tuple(module.weight.shape))
+                plans.append((module, op, plan_weight(module, "weight", op, backend, _structure_only)))
+        return plans
+
+    lone = lower_graphs(list(scoped.values()), backend, _structure_only, before_install=plan_lone_layers)
     lowered: dict[str, PrunableOp] = {}
-    for scope, gm in graphs(target).items():
-        lower_graph(gm, backend, _structure_only)
+    for scope, gm in scoped.items():
         if gm is getattr(target, ROOT_GRAPH_ATTR, None):
             sync_root(target)
         lowered.update((node.meta[META_KEY].weight, node.meta[META_KEY]) for node in annotated_nodes(gm.graph)
                        if node.meta[META_KEY].status == "packed")
         _replace_standalone_scope(target, scope, gm)
     reasons = {row.name: row.reason for row in found.rows}
-    for name, module in list(target.named_modules()):
-        if isinstance(module, MaskedLinear):  # a MaskedLinear that no graph calls: it was sparsified alone
-            weight = f"{name}.weight" if name else "weight"
-            op = PrunableOp(kind="linear", weight=weight, target="weight", bias="bias" if module.bias is not None
-                            else None, transposed=False, weight_shape=tuple(module.weight.shape))
-            kind, why = lower_weight(module, "weight", op, backend, _structure_only)
-            reason = reasons.get(weight, "")
-            lowered[weight] = dataclasses.replace(op, kind=kind, status="packed",
-                                                  reason=f"{reason}; not semi-structured: {why}" if why else reason)
+    for module, op, plan in lone:
+        lower_weight(module, plan, "weight", op, backend)
+        reason = reasons.get(op.weight, "")
+        lowered[op.weight] = dataclasses.replace(op, kind=plan.kind, status="packed", reason=f"{reason}; not "
+                                                 f"semi-structured: {plan.reason}" if plan.reason else reason)
     _materialize_attention(target)
     rows = [dataclasses.replace(row, op=lowered[row.name].kind, status="packed", reason=lowered[row.name].reason)
             if row.name in lowered else row for row in found.rows]

@@ -40,9 +40,10 @@ def _context(pattern="2:4"):
 
 def test_pipelines_are_declared_in_order_with_their_contracts():
     assert [p.name for p in SPARSIFY_PIPELINE] == ["tag_roles", "adopt_roles", "policy", "rewrite_masked"]
-    assert [p.name for p in LOWER_PIPELINE] == ["lower_inference"]
-    for before, after in zip(SPARSIFY_PIPELINE, SPARSIFY_PIPELINE[1:]):
-        assert before.ensures <= after.requires, (before.name, after.name)
+    assert [p.name for p in LOWER_PIPELINE] == ["plan_lowering", "lower_inference"]
+    for pipeline in (SPARSIFY_PIPELINE, LOWER_PIPELINE):
+        for before, after in zip(pipeline, pipeline[1:]):
+            assert before.ensures <= after.requires, (before.name, after.name)
     assert SPARSIFY_PIPELINE[-1].ensures == LOWER_PIPELINE[0].requires
 
 
