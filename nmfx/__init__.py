@@ -14,13 +14,14 @@ from nmfx.pattern import MAX_M, Pattern, nm_mask
 from nmfx.report import report, to_dot, to_networkx
 from nmfx.stats import stats
 from nmfx.inference import is_inference, to_inference
+from nmfx.from_checkpoint import to_inference_from_checkpoint
 from nmfx.layers import MaskedLinear, NMLinear
 from nmfx.serialization import load, save
 from nmfx.prune import prune
 from nmfx.dense import to_dense
 
 __all__ = [
-    "sparsify", "step", "refresh", "stats", "masks", "to_inference", "is_inference", "save", "load", "states", "graphs", "report", "is_sparsified", "to_networkx", "to_dot",
+    "sparsify", "step", "refresh", "stats", "masks", "to_inference", "to_inference_from_checkpoint", "is_inference", "save", "load", "states", "graphs", "report", "is_sparsified", "to_networkx", "to_dot",
     "prune", "to_dense", "MaskedLinear", "NMLinear", "SparsifyConfig",
     "Pattern", "nm_mask", "MAX_M", "Method", "Dense", "STE", "SRSTE", "MDGF", "SDGF", "resolve_method", "ops",
 ]
