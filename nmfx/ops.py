@@ -164,7 +164,7 @@ def masked_linear(
     if alpha is None:
         alpha = torch.zeros((), device=weight.device)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta has no autocast state
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None

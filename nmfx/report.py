@@ -14,6 +14,7 @@ from nmfx.config import SparsifyConfig
 from nmfx.meta import META_KEY, PrunableOp
 from nmfx.methods import Method
 from nmfx.pattern import Pattern
+from nmfx.refresh import unrefreshed_states
 from nmfx.tracing import dead_hooks
 
 __all__ = ["ReportRow", "Report", "SparsifyRecord", "report", "to_networkx", "to_dot"]
@@ -101,14 +102,16 @@ class Report(list):
 
 def report(model: nn.Module) -> Report:
     """Rows (name, role, op, shape, pattern, density, status, reason, frontend) for every weight nmfx
-    considered; ``density`` is that of the current hard mask. ``print(report)`` gives a table, followed by
+    considered; ``density`` is that of the current hard mask (none while a mask was never computed: a model
+    sparsified on the meta device before ``nmfx.refresh``). ``print(report)`` gives a table, followed by
     ``report.notes``: one line per module holding hooks that can never run (registered after
     ``nmfx.sparsify`` on a module whose call a rewritten graph inlines)."""
     found = record(model)
     current = masks(model)
+    pending = unrefreshed_states(model)
     rows = []
     for row in found.rows:
-        mask = current.get(row.name)
+        mask = current.get(row.name) if row.name not in pending else None
         density = float(mask.float().mean()) if mask is not None and row.status == "sparsified" else None
         if row.status == "packed":
             density = Pattern.parse(row.pattern).density

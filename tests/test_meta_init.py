@@ -358,3 +358,21 @@ def test_a_state_pickled_before_the_flag_existed_loads_as_computed():
     restored.__setstate__(old)
     assert restored.needs_refresh is None
     assert restored.schedule == state.schedule
+
+
+def test_before_refresh_report_shows_no_density_and_save_pretrained_refuses(tmp_path):
+    """A meta-sparsified model reports its decisions without reading its (absent) masks, runs a shape-only
+    forward on meta, and, once materialized but not refreshed, refuses save_pretrained and to_inference."""
+    with torch.device("meta"):
+        model = _llama()
+    nmfx.sparsify(model, "1:4", "ste")
+    rows = nmfx.report(model)
+    assert rows.sparsified and all(row.density is None for row in rows)
+    with torch.no_grad():
+        logits = model.eval()(torch.zeros(1, 4, dtype=torch.long, device="meta")).logits
+    assert logits.is_meta and logits.shape[-1] == 64
+    model.to_empty(device="cpu")
+    with pytest.raises(RuntimeError, match="save_pretrained refused.*nmfx.refresh"):
+        model.save_pretrained(tmp_path / "hf")
+    with pytest.raises(RuntimeError, match="nmfx.to_inference refused.*nmfx.refresh"):
+        nmfx.to_inference(model)

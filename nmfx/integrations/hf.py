@@ -45,6 +45,7 @@ from transformers import TrainerCallback
 import nmfx
 from nmfx.config import SparsifyConfig, check_format_version, literal_glob
 from nmfx.ops import effective_weight
+from nmfx.refresh import require_refreshed
 from nmfx.state import PRUNED_KEY, STATE_KEYS, STATE_SUFFIX, pruned_values
 
 __all__ = ["NMSparsityCallback", "from_pretrained", "checkpoint_record", "RECORD_KEY", "RECORD_VERSION"]
@@ -149,6 +150,7 @@ class NMSavePretrained:
 def effective_state_dict(model: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` (a sparsified model's) with every sparsified weight replaced by its effective weight
     and its dense values at the pruned positions added as ``<weight>_nm.pruned``."""
+    require_refreshed(model, "save_pretrained")  # masks never computed would save garbage effective weights
     out = dict(state_dict)
     for name in nmfx.states(model):
         if name not in state_dict:
