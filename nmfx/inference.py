@@ -33,8 +33,10 @@ LOWERING_BACKENDS = ("auto", "cpu", "triton", "reference", "semi_structured")
 def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[torch.dtype] = None,
                  force: bool = False, inplace: bool = False, _structure_only: bool = False) -> nn.Module:
     """The deployable form of a sparsified model: every masked linear becomes ``nmfx::nm_linear`` over a
-    packed N:M weight and the dense weights are dropped. Returns a copy unless ``inplace``, in eval mode
-    with every parameter frozen (``nm_linear`` has no backward).
+    packed N:M weight and the dense weights are dropped. Returns a copy unless ``inplace``, in eval mode.
+    The packed layers take no gradient (``nm_linear`` has no backward; their biases are frozen); the
+    model's other parameters keep their ``requires_grad`` (freezing them would also change how
+    ``torch.matmul`` runs a dense head on a sliced 3-d input: a weight-sized copy per prefill).
 
     Each lowered ``nn.Linear`` (``MaskedLinear``) and transformers ``Conv1D`` becomes an
     :class:`nmfx.layers.NMLinear` (the same object where it was one, so its hooks keep firing; buffers
@@ -123,7 +125,9 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
     rows = [dataclasses.replace(row, op=lowered[row.name].kind, status="packed", reason=lowered[row.name].reason)
             if row.name in lowered else row for row in found.rows]
     object.__setattr__(target, "_nmfx_record", dataclasses.replace(found, rows=rows, inference=True))
-    target.requires_grad_(False)  # an inference graph: nm_linear has no backward
+    for layer in target.modules():  # nm_linear has no backward; the rest keep requires_grad (see above)
+        if isinstance(layer, NMLinear) and layer.bias is not None:
+            layer.bias.requires_grad_(False)
     return target.eval()
 
 
