@@ -259,6 +259,31 @@ def _print(row: dict) -> None:
           f"(head 1:8: {row['byte_ratio_limit_head_sparse']:.2f}x)", flush=True)
 
 
+def markdown(result: dict) -> str:
+    """The README's tables for a result: speed rows, then memory rows (what ``--table`` prints)."""
+    speed = ["| model | dtype | run | plain ms | nmfx ms | plain tok/s | nmfx tok/s | speed-up | byte limit | same tokens |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    memory = ["| model | dtype | plain RSS MiB (peak) | nmfx RSS MiB (peak) | plain / nmfx |", "| --- | --- | --- | --- | --- |"]
+    shown = set()
+    for row in result["rows"]:
+        if row["mode"] == "memory":
+            memory.append(f"| {row['model']} | {row['dtype']} | {row['plain_rss_bytes'] / 2**20:.0f} "
+                          f"({row['plain_peak_bytes'] / 2**20:.0f}) | {row['nmfx_rss_bytes'] / 2**20:.0f} "
+                          f"({row['nmfx_peak_bytes'] / 2**20:.0f}) | {row['rss_ratio']:.2f}× |")
+            continue
+        key = (row["model"], row["dtype"])
+        run = f"decode b{row['batch']}" if row["mode"] == "decode" else f"prefill {row['tokens']}"
+        limit = (f"{row['byte_ratio_limit_head_dense']:.2f}× / {row['byte_ratio_limit_head_sparse']:.2f}×"
+                 if key not in shown else "")
+        same = ("yes" if row["same_greedy_tokens"] else "no") if row["mode"] == "decode" else \
+            f"argmax {row['argmax_agreement'] * 100:.0f} %"
+        speed.append(f"| {row['model'] if not any(k[0] == row['model'] for k in shown) else ''} | {row['dtype']} | "
+                     f"{run} | {row['plain_ms']:.0f} | {row['nmfx_ms']:.0f} | {row['plain_tokens_per_s']:.0f} | "
+                     f"{row['nmfx_tokens_per_s']:.0f} | {row['speedup']:.2f}× | {limit} | {same} |")
+        shown.add(key)
+    return "\n".join(speed) + "\n\n" + "\n".join(memory)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny widths, one rep: a smoke run")
@@ -274,9 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the resident-memory rows (two fresh processes per model and dtype)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--table", action="store_true", help="only print --output's README tables (no timing)")
     parser.add_argument("--recompute-limits", action="store_true",
                         help="only rewrite --output's byte-ratio limits (no timing)")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(args.output.read_text())))
+        return 0
     if args.recompute_limits:
         recompute_limits(args.output, args.quick)
         return 0
