@@ -27,8 +27,9 @@ def states(model: nn.Module) -> dict[str, NMState]:
 
 
 def masks(model: nn.Module) -> dict[str, Tensor]:
-    """``{weight qualified name (as in the original model): current bool mask}``."""
-    return {name: state.mask for name, state in states(model).items()}
+    """``{weight qualified name (as in the original model): current bool mask}``, each whole: under FSDP2,
+    where each rank stores only its shard of a mask, the shards are gathered (call it on every rank)."""
+    return {name: state.full_mask() for name, state in states(model).items()}
 
 
 def graphs(model: nn.Module) -> dict[str, fx.GraphModule]:

@@ -14,7 +14,7 @@ from nmfx.config import SparsifyConfig
 from nmfx.methods import Method
 from nmfx.packed import MAX_PACKED_M
 from nmfx.pattern import PatternLike
-from nmfx.refresh import refuse_unrefreshed_forward, require_refreshed
+from nmfx.refresh import match_mask_layouts, refuse_unrefreshed_forward, require_refreshed
 from nmfx.report import SparsifyRecord
 from nmfx.state import (LEGACY_KEY, PRUNED_KEY, STATE_KEYS, STATE_SUFFIX, checkpoint_problems, dense_weight,
                         normalize_checkpoint)
@@ -76,6 +76,7 @@ def sparsify(
     object.__setattr__(model, RECORD_ATTR, SparsifyRecord(config, rows, compiled.frontend, compiled.note))
     model.register_load_state_dict_pre_hook(_refuse_mismatched_checkpoint)
     model.register_forward_pre_hook(refuse_unrefreshed_forward)
+    model.register_state_dict_pre_hook(match_mask_layouts)  # FSDP2: masks sharded like their weights
     if _is_transformers_model(model):
         from nmfx.integrations.hf import install_save_pretrained  # imports transformers: only for its models
 

@@ -58,7 +58,7 @@ class MaskedLinear(nn.Linear):
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        state = self.weight_nm
+        state = self.weight_nm  # its mask may be a shard (FSDP2): masked_linear gathers it with the weight
         return masked_linear(input, self.weight, state.mask, self.bias, state.alpha,
                              state.srste_lambda if state.uses_srste else None,
                              exact_gradient=state.exact_gradient)

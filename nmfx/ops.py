@@ -26,7 +26,26 @@ import torch
 import torch.fx
 from torch import Tensor
 
-__all__ = ["masked_linear", "masked_weight", "effective_weight", "weight_gradient"]
+__all__ = ["masked_linear", "masked_weight", "effective_weight", "weight_gradient", "is_dtensor", "gather_mask"]
+
+
+def is_dtensor(t: object) -> bool:
+    """``t`` is a ``torch.distributed.tensor.DTensor`` (checked without importing torch.distributed)."""
+    return hasattr(t, "to_local") and hasattr(t, "device_mesh") and hasattr(t, "placements")
+
+
+def gather_mask(mask: Tensor) -> Tensor:
+    """The whole mask: ``mask`` itself, or, for a sharded mask (a DTensor: nmfx's storage under FSDP2), its
+    shards all-gathered as bytes (a collective: every rank of the mesh calls it; 1 byte per element)."""
+    if not is_dtensor(mask):
+        return mask
+    if mask.is_meta:
+        return torch.empty(mask.shape, dtype=mask.dtype, device="meta")
+    from torch.distributed.tensor import DTensor
+
+    shards = DTensor.from_local(mask.to_local().view(torch.uint8), mask.device_mesh, mask.placements,
+                                shape=mask.shape, stride=mask.stride())
+    return shards.full_tensor().view(torch.bool)
 
 
 def effective_weight(weight: Tensor, mask: Tensor, alpha: Tensor) -> Tensor:
@@ -138,6 +157,8 @@ def masked_weight(
     traced = _record_if_traced(masked_weight, (weight, mask, alpha, srste_lambda), {"exact_gradient": exact_gradient})
     if traced is not None:
         return traced
+    if is_dtensor(mask) and not is_dtensor(weight):  # FSDP2: the weight is gathered for the forward, so the mask
+        mask = gather_mask(mask)
     if alpha is None:
         alpha = torch.zeros((), device=weight.device)
     return torch.ops.nmfx.masked_weight(weight, mask, alpha, srste_lambda, exact_gradient)
@@ -156,11 +177,15 @@ def masked_linear(
     """Linear with an N:M-masked weight whose backward follows a gradient-flow method (module doc).
 
     Under autocast, ``x``, ``weight`` and ``bias`` are cast to the autocast dtype first (gradients flow
-    back through the cast to the full-precision weight)."""
+    back through the cast to the full-precision weight). A sharded mask (a DTensor, nmfx's storage under
+    FSDP2) with a whole weight (FSDP2 gathers it for the forward) is gathered too (:func:`gather_mask`); the
+    op keeps that whole mask until its backward (1 byte per weight element, freed there)."""
     traced = _record_if_traced(masked_linear, (x, weight, mask, bias, alpha, srste_lambda),
                                {"exact_gradient": exact_gradient, "transposed": transposed})
     if traced is not None:
         return traced
+    if is_dtensor(mask) and not is_dtensor(weight):
+        mask = gather_mask(mask)
     if alpha is None:
         alpha = torch.zeros((), device=weight.device)
     device_type = x.device.type

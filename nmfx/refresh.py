@@ -17,14 +17,16 @@ Kept apart from :mod:`nmfx.state` (one weight's state) because it works on whole
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
 
 from nmfx.accessors import RECORD_ATTR, states
+from nmfx.ops import is_dtensor
 from nmfx.state import REFRESH_ADVICE
 
-__all__ = ["refresh", "unrefreshed_states", "require_refreshed"]
+__all__ = ["refresh", "unrefreshed_states", "require_refreshed", "match_mask_layouts"]
 
 
 def refresh(model: nn.Module) -> nn.Module:
@@ -33,8 +35,8 @@ def refresh(model: nn.Module) -> nn.Module:
 
     Call it after ``model.to_empty(...)`` and loading or initialising the weights of a model sparsified on the
     meta device (``set_model_state_dict`` of a dense checkpoint, ``load_state_dict``, an init function). The
-    result equals sparsifying a model that held these weights from the start. Under FSDP2 it is a collective
-    (each mask needs its full weight): call it on every rank. To resume a sparse run, load its checkpoint
+    result equals sparsifying a model that held these weights from the start. Under FSDP2 it is a collective:
+    call it on every rank; each rank then stores only its shard of each mask (:func:`match_mask_layouts`). To resume a sparse run, load its checkpoint
     instead (model and nmfx state): refresh would start the schedules over.
 
     Raises:
@@ -54,7 +56,35 @@ def refresh(model: nn.Module) -> nn.Module:
                            "or initialise its weights first")
     for name, state in found.items():
         state.restart(weights[name])
+    _warn_whole_masks(found, weights)
     return model
+
+
+def match_mask_layouts(model: nn.Module, *_: Any) -> list[str]:
+    """Store every mask like its weight (:meth:`nmfx.state.NMState.match_layout`): under FSDP2 each rank keeps
+    only its shard of a mask, as a DTensor with the weight's placements, wherever no shard boundary splits a
+    group of M; returns the sharded weights whose masks stay whole (with a warning naming them).
+
+    ``nmfx.sparsify`` registers it as a ``state_dict`` pre-hook of the model, so a model sharded after
+    sparsify (and ``to_empty``'d) has sharded masks before ``get_state_dict`` / DCP reads or loads them;
+    :func:`refresh` and ``nmfx.step`` match layouts too. Comm-free (it moves no mask between ranks)."""
+    found = states(model)
+    weights = {name: model.get_parameter(name) for name in found}
+    for name, state in found.items():
+        state.match_layout(weights[name])
+    return _warn_whole_masks(found, weights)
+
+
+def _warn_whole_masks(found: dict, weights: dict) -> list[str]:
+    whole = [name for name, state in found.items() if is_dtensor(weights[name]) and not is_dtensor(state.mask)]
+    if whole:
+        state = found[whole[0]]
+        warnings.warn(f"nmfx: {len(whole)} of {len(found)} masks stay whole on every rank under FSDP2 (e.g. {whole[0]}, "
+                      f"shape {state.weight_shape}: its shard boundaries split groups of M along dim {state.dim} for "
+                      f"a pattern of {[str(p) for p in state.stages]}); the others are sharded like their weights. "
+                      "Shard the weights along another dim, or choose shapes whose shards are multiples of M",
+                      stacklevel=3)
+    return whole
 
 
 def unrefreshed_states(model: nn.Module) -> dict[str, str]:

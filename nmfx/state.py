@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from nmfx.methods import Method, ScheduleState, resolve_method
+from nmfx.ops import gather_mask, is_dtensor
 from nmfx.pattern import Pattern, nm_mask
 
 __all__ = ["NMState", "REFRESH_ADVICE", "STATE_SUFFIX", "FORMAT_VERSION", "STATE_KEYS", "PRUNED_KEY", "LEGACY_KEY",
@@ -149,16 +150,56 @@ class NMState(nn.Module):
         pattern_changed = getattr(self, "_mask_pattern", None) != state.pattern
         due = int(self.step) % self.method.mask_interval == 0 and not state.mask_frozen
         if force or pattern_changed or due:
+            self.match_layout(weight)
             monotone = self.method.monotone_mask and not force  # gmp: pruned weights count as zero, never return
-            if not monotone and _shard_local(weight, state.pattern, self.dim):
-                new_mask = _gathered_mask(weight, state.pattern, self.dim)
+            if is_dtensor(self.mask):  # sharded storage: each rank masks its own shard, nothing is gathered
+                old, local = self.mask.to_local(), weight.to_local()
+                new_mask = nm_mask(local * old if monotone else local, state.pattern, dim=self.dim)
+                if force:
+                    flips = torch.zeros(())
+                else:
+                    flips = _sum_over_shards((new_mask != old).sum(), self.mask).float() / self.mask.numel()
+                old.copy_(new_mask)
             else:
-                scores = _full(weight)
-                new_mask = nm_mask(scores * self.mask if monotone else scores, state.pattern, dim=self.dim)
-            flips = torch.zeros(()) if force else (new_mask != self.mask).float().mean()
+                if not monotone and _shard_local(weight, state.pattern, self.dim):
+                    new_mask = _gathered_mask(weight, state.pattern, self.dim)
+                else:
+                    scores = _full(weight)
+                    new_mask = nm_mask(scores * self.mask if monotone else scores, state.pattern, dim=self.dim)
+                flips = torch.zeros(()) if force else (new_mask != self.mask).float().mean()
+                self.mask.copy_(new_mask)
             self.last_flip_rate.copy_(flips)
-            self.mask.copy_(new_mask)
             self._mask_pattern = state.pattern
+
+    def full_mask(self) -> Tensor:
+        """The whole mask: the ``mask`` buffer, or, when it is sharded (FSDP2, see :meth:`match_layout`), its
+        shards all-gathered (a collective: call it on every rank)."""
+        return gather_mask(self.mask)
+
+    def shardable(self, weight: Tensor) -> bool:
+        """``weight`` is an FSDP2 (DTensor) shard whose boundaries split no group of M at any stage of the
+        schedule: each rank can then store and compute only its own shard of the mask."""
+        return all(_shard_local(weight, pattern, self.dim) for pattern in set(self.stages))
+
+    @torch.no_grad()
+    def match_layout(self, weight: Tensor) -> bool:
+        """Store the mask like ``weight``: sharded (a DTensor with the weight's mesh and placements, each rank
+        holding only its shard) when :meth:`shardable`, whole otherwise. Changes only the layout, never the
+        mask; comm-free unless a sharded mask must become whole again. Returns whether the mask is sharded."""
+        mask = self.mask
+        if self.shardable(weight):
+            if (is_dtensor(mask) and mask.device_mesh == weight.device_mesh
+                    and tuple(mask.placements) == tuple(weight.placements)):
+                return True
+            from torch.distributed.tensor import distribute_tensor
+
+            whole = gather_mask(mask) if is_dtensor(mask) else mask
+            self.register_buffer("mask", distribute_tensor(whole, weight.device_mesh, weight.placements,
+                                                           src_data_rank=None))  # each rank keeps its slice
+            return True
+        if is_dtensor(mask):
+            self.register_buffer("mask", gather_mask(mask).clone())
+        return False
 
     @torch.no_grad()
     def advance(self, weight: Tensor) -> None:
@@ -200,6 +241,7 @@ class NMState(nn.Module):
         loaded = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
         restores = set(STATE_KEYS) <= loaded.keys() and any(
             value is not getattr(self, key, None) for key, value in loaded.items() if key in STATE_KEYS)
+        self._adapt_mask_layout(state_dict, prefix + "mask")
         errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -208,6 +250,26 @@ class NMState(nn.Module):
         if self.needs_refresh is None:
             # The mask was computed at a step's pattern: remember it so the next refresh knows.
             self._mask_pattern = self.schedule.pattern
+
+    def _adapt_mask_layout(self, state_dict: dict, key: str) -> None:
+        """A whole incoming mask loads into a sharded one (each rank takes its slice); a sharded incoming mask
+        into a whole one makes this one sharded alike (the model's own ``state_dict`` decides, see
+        :meth:`match_layout`)."""
+        from_dict = state_dict.get(key)
+        if not isinstance(from_dict, Tensor) or tuple(from_dict.shape) != self.weight_shape:
+            return  # super() reports it
+        own = self.mask
+        if is_dtensor(own) and not is_dtensor(from_dict):
+            from torch.distributed.tensor import distribute_tensor
+
+            state_dict[key] = distribute_tensor(from_dict, own.device_mesh, own.placements, src_data_rank=None)
+        elif is_dtensor(from_dict) and not is_dtensor(own):
+            from torch.distributed.tensor import distribute_tensor
+
+            self.register_buffer("mask", distribute_tensor(own, from_dict.device_mesh, from_dict.placements,
+                                                           src_data_rank=None))
+        elif is_dtensor(own) and tuple(own.placements) != tuple(from_dict.placements):
+            state_dict[key] = from_dict.redistribute(own.device_mesh, own.placements)
 
     def _apply(self, fn, recurse: bool = True):
         """``to``/``cuda``/``to_empty``...: buffers that leave or reach the meta device, or that ``to_empty``
@@ -302,10 +364,20 @@ def pruned_values(weight: Tensor, mask: Tensor) -> Tensor:
 
 
 def mask_problem(mask: Tensor, pattern: Pattern, dim: int) -> str:
-    """Why ``mask`` does not keep exactly ``pattern.n`` of every ``pattern.m`` along ``dim`` ("" if it does)."""
+    """Why ``mask`` does not keep exactly ``pattern.n`` of every ``pattern.m`` along ``dim`` ("" if it does).
+    A sharded mask (DTensor) is checked shard by shard where no shard splits a group, and all ranks return
+    a problem when any shard has one (a collective: call it on every rank)."""
     size = mask.shape[dim]
     if size % pattern.m:
         return f"dimension {dim} has size {size}, not divisible by M={pattern.m}"
+    if is_dtensor(mask):
+        if not _shard_local(mask, pattern, dim):
+            return mask_problem(gather_mask(mask), pattern, dim)
+        mine = mask_problem(mask.to_local(), pattern, dim)
+        bad = _sum_over_shards(torch.tensor(int(bool(mine)), device=mask.to_local().device), mask)
+        if int(bad) == 0:
+            return ""
+        return f"on this rank's shard: {mine}" if mine else f"the shards of {int(bad)} other ranks are invalid"
     data = mask.movedim(dim, -1).contiguous().view(torch.uint8)  # summing bytes is ~4x faster than bools
     if data.numel() and int(data.max()) > 1:
         return "it holds bytes other than 0 and 1 (not a valid bool tensor)"
@@ -449,6 +521,17 @@ def _gathered_mask(weight: Tensor, pattern: Pattern, dim: int) -> Tensor:
     shards = DTensor.from_local(local, weight.device_mesh, weight.placements, shape=weight.shape,
                                 stride=weight.stride())
     return shards.full_tensor().view(torch.bool)
+
+
+def _sum_over_shards(value: Tensor, like: Tensor) -> Tensor:
+    """``value`` (computed from this rank's shard of the DTensor ``like``) summed over the ranks holding the
+    other shards (in place; the replicas of an HSDP mesh are not counted twice)."""
+    import torch.distributed as dist
+
+    for mesh_dim, placement in enumerate(like.placements):
+        if placement.is_shard():
+            dist.all_reduce(value, group=like.device_mesh.get_group(mesh_dim))
+    return value
 
 
 def _full(weight: Tensor) -> Tensor:

@@ -14,7 +14,8 @@ Per sparsified weight ``<name>`` and overall (``nmfx/...``):
   ``backward()`` and ``zero_grad()``).
 
 All numbers are gathered into one tensor and read with a single ``tolist()`` (one device sync).
-Under FSDP2 the gradients are sharded DTensors and are gathered: call ``stats`` on every rank.
+Under FSDP2 the gradients (and the masks, where each rank stores only its shard) are sharded DTensors
+and are gathered: call ``stats`` on every rank.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def stats(model: nn.Module, per_layer: bool = True, prefix: str = "nmfx/") -> di
     for name, state in states(model).items():
         owner_name = name.rpartition(".")[0]
         weight = (model.get_submodule(owner_name) if owner_name else model).get_parameter(state.param_name)
-        mask = state.mask
+        mask = state.full_mask()  # FSDP2 with sharded masks: gathered (a collective, like the gradients')
         kept = mask.sum()
         row = [1.0 - kept / mask.numel(), state.alpha.float(), state.last_flip_rate, float("nan"), float("nan")]
         grad = weight.grad

@@ -55,6 +55,12 @@ def _shard(model):
     return fully_shard(model)
 
 
+def _mask_storage(model) -> dict:
+    """``{weight: (mask elements this rank stores, mask elements)}``."""
+    return {name: (state.mask.to_local().numel() if hasattr(state.mask, "to_local") else state.mask.numel(),
+                   state.mask.numel()) for name, state in nmfx.states(model).items()}
+
+
 def _run(rank: int, mode: str, out: str) -> None:
     model = _model()
     wrapped = nn.parallel.DistributedDataParallel(model) if mode == "ddp" else _shard(model)
@@ -82,9 +88,10 @@ def _run(rank: int, mode: str, out: str) -> None:
         resumed_ok &= all(torch.equal(_full(a.detach()), _full(b.detach()))
                           for a, b in zip(model.parameters(), fresh.parameters()))
         resumed_ok &= all(torch.equal(m, nmfx.nm_mask(_full(model.get_parameter(k)), "1:4")) for k, m in nmfx.masks(model).items())
+    storage = {"trained": _mask_storage(model), "resumed": _mask_storage(fresh)} if mode == "fsdp2" else None
     if rank == 0:
         torch.save({"masks": masks, "weights": weights, "follows": follows, "same": same_on_ranks,
-                    "resumed": resumed_ok}, out)
+                    "resumed": resumed_ok, "storage": storage}, out)
 
 
 # -- the large-model flow (issue 14): meta device, sparsify, fully_shard, to_empty, load, refresh --------------
@@ -193,9 +200,10 @@ def _run_meta_flow(rank: int, out: str) -> None:
     resumed_same &= all(int(a.step) == int(b.step) == FLOW_STEPS + FLOW_MORE
                         for a, b in zip(found.values(), nmfx.states(resumed).values()))
     shard_local = _shard_local_masks(model)
+    storage = {"trained": _mask_storage(model), "resumed": _mask_storage(resumed)}
     if rank == 0:
         torch.save({"masks": masks, "weights": weights, "follows": follows, "resumed": resumed_same,
-                    "refused": refused_before_refresh, "shard_local": shard_local}, out)
+                    "refused": refused_before_refresh, "shard_local": shard_local, "storage": storage}, out)
 
 
 def _shard_local_masks(model) -> dict:
@@ -268,6 +276,15 @@ def test_two_process_training_matches_single_process(mode, single_process):
         torch.testing.assert_close(weight, ref_weights[name].detach(), rtol=1e-5, atol=1e-6, msg=name)
     if mode == "fsdp2":
         assert result["resumed"], "resumed FSDP2 training diverged from the uninterrupted run"
+        _assert_sharded(result["storage"], 2)  # the head (model[4]) stays dense
+
+
+def _assert_sharded(storage: dict, count: int) -> None:
+    """Each rank stores only its shard of every mask (all shapes here divide evenly by the world size)."""
+    for run, masks in storage.items():
+        assert len(masks) == count, run
+        for name, (local, full) in masks.items():
+            assert local * WORLD == full, f"{run}: {name} stores {local} of {full} mask elements per rank"
 
 
 def _run_example(engine, *args):
@@ -368,6 +385,8 @@ def test_meta_device_flow_under_fsdp2_matches_single_process():
     assert result["follows"], "a mask is not the N:M mask of its (full) parameter"
     assert result["resumed"], "the run resumed from the DCP checkpoint diverged from the uninterrupted one"
     assert result["shard_local"] == {"all local": True, "same masks": True, "split refused": True, "whole taken": True}
+    _assert_sharded(result["storage"], 14)
+    assert sum(full for _, full in result["storage"]["trained"].values()) == 18_432
     ref_masks, ref_weights = _single_process_meta_flow()
     assert result["masks"].keys() == ref_masks.keys() and len(ref_masks) == 14
     for name, mask in result["masks"].items():
