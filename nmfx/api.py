@@ -114,6 +114,7 @@ def _refuse_mismatched_checkpoint(module, state_dict, prefix, local_metadata, st
     found = states(module)
     incoming = _nmfx_entries(state_dict, prefix, found)
     if not incoming and found and all(state.needs_refresh is not None for state in found.values()):
+        match_mask_layouts(module)  # FSDP2: masks sharded like their weights (set_model_state_dict skips state_dict)
         _accept_dense_weights(state_dict, prefix, found)
         return
     problems = []
@@ -135,6 +136,7 @@ def _refuse_mismatched_checkpoint(module, state_dict, prefix, local_metadata, st
         raise ValueError("refusing to load this checkpoint into the nmfx-sparsified model; nothing was loaded:\n  "
                          + "\n  ".join(problems[:20])
                          + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "") + advice)
+    match_mask_layouts(module)
     for name, state in found.items():
         entries, base = incoming[name], f"{prefix}{name}{STATE_SUFFIX}."
         if PRUNED_KEY in entries:

@@ -17,7 +17,6 @@ Kept apart from :mod:`nmfx.state` (one weight's state) because it works on whole
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from torch import nn
@@ -56,35 +55,21 @@ def refresh(model: nn.Module) -> nn.Module:
                            "or initialise its weights first")
     for name, state in found.items():
         state.restart(weights[name])
-    _warn_whole_masks(found, weights)
     return model
 
 
 def match_mask_layouts(model: nn.Module, *_: Any) -> list[str]:
     """Store every mask like its weight (:meth:`nmfx.state.NMState.match_layout`): under FSDP2 each rank keeps
     only its shard of a mask, as a DTensor with the weight's placements, wherever no shard boundary splits a
-    group of M; returns the sharded weights whose masks stay whole (with a warning naming them).
+    group of M; returns the sharded weights whose masks stay whole (each state warns once about it).
 
     ``nmfx.sparsify`` registers it as a ``state_dict`` pre-hook of the model, so a model sharded after
     sparsify (and ``to_empty``'d) has sharded masks before ``get_state_dict`` / DCP reads or loads them;
-    :func:`refresh` and ``nmfx.step`` match layouts too. Comm-free (it moves no mask between ranks)."""
+    :func:`refresh` and ``nmfx.step`` (at each mask recompute) match layouts too. Comm-free unless a sharded mask
+    must become whole again (its weight was sharded differently since)."""
     found = states(model)
     weights = {name: model.get_parameter(name) for name in found}
-    for name, state in found.items():
-        state.match_layout(weights[name])
-    return _warn_whole_masks(found, weights)
-
-
-def _warn_whole_masks(found: dict, weights: dict) -> list[str]:
-    whole = [name for name, state in found.items() if is_dtensor(weights[name]) and not is_dtensor(state.mask)]
-    if whole:
-        state = found[whole[0]]
-        warnings.warn(f"nmfx: {len(whole)} of {len(found)} masks stay whole on every rank under FSDP2 (e.g. {whole[0]}, "
-                      f"shape {state.weight_shape}: its shard boundaries split groups of M along dim {state.dim} for "
-                      f"a pattern of {[str(p) for p in state.stages]}); the others are sharded like their weights. "
-                      "Shard the weights along another dim, or choose shapes whose shards are multiples of M",
-                      stacklevel=3)
-    return whole
+    return [name for name, state in found.items() if not state.match_layout(weights[name]) and is_dtensor(weights[name])]
 
 
 def unrefreshed_states(model: nn.Module) -> dict[str, str]:

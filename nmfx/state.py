@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 import weakref
 from typing import Any, Mapping, Optional
 
@@ -199,6 +200,12 @@ class NMState(nn.Module):
             return True
         if is_dtensor(mask):
             self.register_buffer("mask", gather_mask(mask).clone())
+        if is_dtensor(weight) and not getattr(self, "_whole_noted", False):
+            self._whole_noted = True
+            warnings.warn(f"nmfx: the mask of a {self.weight_shape} weight ({self.param_name}) stays whole on every "
+                          f"rank under FSDP2: its shard boundaries split groups of M along dim {self.dim} (patterns "
+                          f"{', '.join(map(str, self.stages))}); shard it along another dim or into multiples of M "
+                          "for its mask to be sharded too", stacklevel=2)
         return False
 
     @torch.no_grad()
@@ -377,7 +384,7 @@ def mask_problem(mask: Tensor, pattern: Pattern, dim: int) -> str:
         bad = _sum_over_shards(torch.tensor(int(bool(mine)), device=mask.to_local().device), mask)
         if int(bad) == 0:
             return ""
-        return f"on this rank's shard: {mine}" if mine else f"the shards of {int(bad)} other ranks are invalid"
+        return f"on this rank's shard: {mine}" if mine else f"{int(bad)} other rank(s) hold an invalid shard of it"
     data = mask.movedim(dim, -1).contiguous().view(torch.uint8)  # summing bytes is ~4x faster than bools
     if data.numel() and int(data.max()) > 1:
         return "it holds bytes other than 0 and 1 (not a valid bool tensor)"

@@ -228,12 +228,72 @@ def _shard_local_masks(model) -> dict:
             and torch.equal(_gathered_mask(whole, nmfx.Pattern(1, 8), 0), nmfx.nm_mask(whole.full_tensor(), "1:8", 0))}
 
 
+# -- sharded mask storage where groups run along the sharded dim ------------------------------------------
+SPLIT_PATTERN, SPLIT_METHOD, SPLIT_OPTIONS = "1:16", "sdgf", {"total_steps": STEPS}  # hard masks at the last step
+
+
+def _split_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+    return nmfx.sparsify(model, SPLIT_PATTERN, SPLIT_METHOD, **SPLIT_OPTIONS)
+
+
+def _shard_columns(model):
+    """FSDP2 sharding each weight along its input dim (the groups' dim): 8 of layer 0's 16 columns per rank
+    split its groups of 16 (its mask must stay whole), 16 of layer 2's 32 do not (its mask is sharded)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer, shard_placement_fn=lambda p: Shard(p.dim() - 1))
+    return fully_shard(model, shard_placement_fn=lambda p: Shard(p.dim() - 1))
+
+
+def _run_sharded(rank: int, out: str) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict)
+
+    model = _shard_columns(_split_model())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), STEPS, rank, WORLD)
+    whole_warned = [str(w.message) for w in caught if "stays whole" in str(w.message)]
+    stats, report = nmfx.stats(model), [(row.name, row.density) for row in nmfx.report(model)]
+    masks = {k: v.clone() for k, v in nmfx.masks(model).items()}
+    weights = {k: _full(v.detach()).clone() for k, v in model.named_parameters()}
+    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=os.path.join(os.path.dirname(out), "dcp"))
+
+    # One rank's shard of a sharded mask corrupted: every rank refuses the checkpoint, and nothing is loaded.
+    corrupt = {k: v.clone() for k, v in model.state_dict().items()}
+    if rank == 1:
+        corrupt["2.weight_nm.mask"].to_local()[0].fill_(True)
+    try:
+        model.load_state_dict(corrupt)
+        refusal = ""
+    except ValueError as error:
+        refusal = str(error)
+    unchanged = all(torch.equal(masks[k], v) for k, v in nmfx.masks(model).items())
+
+    # A whole (gathered) state dict loads into a fresh sharded model, whose masks are then sharded again.
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    fresh = _shard_columns(_split_model())
+    set_model_state_dict(fresh, full, options=StateDictOptions(full_state_dict=True))
+    reloaded = all(torch.equal(masks[k], v) for k, v in nmfx.masks(fresh).items())
+    if rank == 0:
+        torch.save({"masks": masks, "weights": weights, "stats": stats, "report": report, "warned": whole_warned,
+                    "refusal": refusal, "unchanged": unchanged, "reloaded": reloaded,
+                    "storage": {"trained": _mask_storage(model), "reloaded": _mask_storage(fresh)}}, out)
+
+
 def _worker(rank: int, mode: str, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        _run_meta_flow(rank, out) if mode == "meta_flow" else _run(rank, mode, out)
+        {"meta_flow": _run_meta_flow, "sharded": _run_sharded}.get(mode, lambda r, o: _run(r, mode, o))(rank, out)
         # The models (and FSDP2's device mesh) die here, while the process group is alive: a gloo
         # group that outlives them is torn down at interpreter exit instead, where its worker
         # threads can abort the process ("terminate called without an active exception").
@@ -285,6 +345,45 @@ def _assert_sharded(storage: dict, count: int) -> None:
         assert len(masks) == count, run
         for name, (local, full) in masks.items():
             assert local * WORLD == full, f"{run}: {name} stores {local} of {full} mask elements per rank"
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_masks_sharded_along_the_groups_or_kept_whole_where_shards_split_them(tmp_path):
+    """FSDP2 sharding the group dim: a mask whose groups of M are split by the shard boundary stays whole (with a
+    warning), the other is sharded; training, nmfx.stats and nmfx.report equal one process; a checkpoint with one
+    rank's shard corrupted is refused by every rank with nothing loaded; a gathered state dict loads into a fresh
+    sharded model; the run's DCP checkpoint deploys (to_inference_from_checkpoint) like to_inference of one process."""
+    out = str(tmp_path / "rank0.pt")
+    mp.start_processes(_worker, args=("sharded", _free_port(), out), nprocs=WORLD, start_method="spawn")
+    result = torch.load(out, weights_only=False)
+    reference = _split_model()
+    _train(reference, torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9), STEPS)
+    for name, mask in nmfx.masks(reference).items():
+        assert torch.equal(result["masks"][name], mask), name
+    for name, weight in reference.named_parameters():
+        torch.testing.assert_close(result["weights"][name], weight.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    for run, storage in result["storage"].items():
+        assert storage == {"0.weight": (512, 512), "2.weight": (256, 512)}, run
+    assert len(result["warned"]) == 1 and "(32, 16)" in result["warned"][0], result["warned"]
+    expected = nmfx.stats(reference)
+    assert result["stats"].keys() == expected.keys()
+    for key, value in expected.items():
+        assert result["stats"][key] == pytest.approx(value, rel=1e-6), key
+    assert result["report"] == [(row.name, row.density) for row in nmfx.report(reference)]
+    assert "refusing to load" in result["refusal"] and "2.weight" in result["refusal"], result["refusal"]
+    assert result["unchanged"] and result["reloaded"]
+
+    with torch.device("meta"):
+        fresh = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+    deployed = nmfx.to_inference_from_checkpoint(tmp_path / "dcp", fresh, backend="reference")
+    expected_model = nmfx.to_inference(reference.eval(), backend="reference")
+    got, want = deployed.state_dict(), expected_model.state_dict()
+    assert got.keys() == want.keys() and any(key.endswith("weight_indices") for key in got)
+    for key, value in want.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        else:
+            assert torch.equal(got[key], value), key
 
 
 def _run_example(engine, *args):
