@@ -22,8 +22,9 @@ model over nmfx's, the speed-up a purely memory-bound batch-1 decode could reach
 Memory (``memory`` rows): each side is saved and loaded the way it is deployed, in a fresh process —
 the plain model with ``save_pretrained`` / ``from_pretrained(dir, dtype=...)`` (transformers' own
 meta-device loading), nmfx's with ``nmfx.save`` / ``nmfx.load(file, model_built_on_meta)`` — and the process's
-resident memory is read from ``/proc/self/status``: the growth after loading (``VmRSS``, after
-``gc.collect()``) and the peak while loading (``VmHWM``), both over the process's RSS once torch,
+resident memory is read from ``/proc/self/status``: the growth after loading and one 4-token forward
+(which touches every weight: transformers may map a checkpoint lazily) (``VmRSS``, after ``gc.collect()``)
+and the peak (``VmHWM``), both over the process's RSS once torch,
 transformers, nmfx and the architecture's modules are imported (and the nmfx C++ kernel is loaded from
 the cache), so they count the loaded model and what loading it took, not the libraries.
 Writes ``benchmarks/results/bench_e2e.json`` with the machine's CPU model and SIMD flags.
@@ -168,11 +169,10 @@ else:
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     nmfx.load(path, model)
+with torch.no_grad():  # a forward touches every weight (transformers may map the checkpoint lazily)
+    assert torch.isfinite(model.eval()(torch.zeros(1, 4, dtype=torch.long)).logits).all()
 gc.collect()
-measured = {"rss_bytes": status("VmRSS") - base, "peak_bytes": status("VmHWM") - base}
-with torch.no_grad():
-    assert torch.isfinite(model.eval()(torch.zeros(1, 4, dtype=torch.long)).logits).all()  # it runs
-print(json.dumps(measured))
+print(json.dumps({"rss_bytes": status("VmRSS") - base, "peak_bytes": status("VmHWM") - base}))
 """
 
 

@@ -91,7 +91,8 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
         with torch.no_grad():
             for name, state in states(target).items():
                 state.mask.copy_(nm_mask(target.get_parameter(name), state.pattern, dim=state.dim))
-    _check_backend_runs(target, backend)
+    if not _structure_only:  # a structure-only rebuild checks once its tensors have a device (nmfx.load)
+        check_backend_runs({state.mask.device for state in states(target).values()}, backend)
     scoped = graphs(target)
 
     def plan_lone_layers() -> list:
@@ -184,17 +185,17 @@ def packed_layers(model: nn.Module) -> list[dict]:
     return list(layers.values())
 
 
-def _check_backend_runs(model: nn.Module, backend: str) -> None:
-    """An explicit ``"cpu"`` / ``"triton"`` must be the kernel that runs (RuntimeError otherwise); with
-    ``"auto"``, warn (once per call) when CPU layers will run the reference because the C++ kernel is missing."""
-    devices = {state.mask.device for state in states(model).values()}
+def check_backend_runs(devices: set, backend: str) -> None:
+    """For packed layers on ``devices``: an explicit ``"cpu"`` / ``"triton"`` must be the kernel that runs
+    (RuntimeError otherwise); with ``"auto"``, warn (once per call) when CPU layers will run the reference
+    because the C++ kernel is missing."""
     if backend == "triton":
         from nmfx.kernels import triton_nm
 
         if any(d.type != "cuda" for d in devices):
             raise RuntimeError(f"nmfx.to_inference(backend='triton'): the model's weights are on {sorted(map(str, devices))}; "
                                "the Triton kernel is nm_linear's CUDA kernel: move the model to a GPU first")
-        why = triton_nm.unavailable_reason(*(state.mask for state in states(model).values()))
+        why = triton_nm.unavailable_reason(*(torch.empty(0, device=d) for d in devices))
         if why is not None:
             raise RuntimeError(f"nmfx.to_inference(backend='triton'): the Triton kernels cannot run: {why}")
         return

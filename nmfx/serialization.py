@@ -50,7 +50,7 @@ import sys
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -117,7 +117,7 @@ def load(path: Union[str, os.PathLike], model: nn.Module, backend: str = "auto")
     """
     import nmfx
     from nmfx.api import is_sparsified, states
-    from nmfx.inference import LOWERING_BACKENDS, packed_layers, to_inference
+    from nmfx.inference import LOWERING_BACKENDS, check_backend_runs, packed_layers, to_inference
 
     where = os.fspath(path)
     if not isinstance(model, nn.Module):
@@ -131,24 +131,28 @@ def load(path: Union[str, os.PathLike], model: nn.Module, backend: str = "auto")
         raise ValueError("nmfx.load rebuilds the inference model from a freshly built dense model; this one is "
                          "already sparsified by nmfx: build a fresh one (on the meta device, if you like)")
     header = _parse_header(_read_metadata(where), where)
-    loaded = _read_tensors(where, header)
+    _check_layout(where, header)
     device = _target_device(model)
 
-    staged, memo = _staging_copy(model)  # rebuilt on the CPU, then moved to the model's device
+    # The structure is rebuilt on the meta device (sparsify and a structure-only to_inference compute
+    # nothing), then only the inference model's tensors are allocated, on the CPU, and the result moved to
+    # the model's device: the dense weights of the layers that are packed are never allocated.
+    check_backend_runs({device}, backend)
+    staged, memo = _staging_copy(model)
     _restore_non_persistent(staged, model)
-    _materialize(staged)
-    staged.to("cpu")
     weights = [layer.weight for layer in header.layers]
     pattern = str(header.pattern) if header.pattern is not None else (
         {literal_glob(layer.weight): str(layer.pattern) for layer in header.layers} or "1:1")
     with _quiet():
         nmfx.sparsify(staged, pattern, "ste", include=[literal_glob(weight) for weight in weights] or ["<none>"])
     to_inference(staged, backend=backend, inplace=True, _structure_only=True)
+    _materialize(staged)
+    staged.to("cpu")
     targets = _unique_tensors(staged)
     _check_fit(where, header, {layer["weight"]: layer for layer in packed_layers(staged)}, targets)
-    with torch.no_grad():
-        for name in list(loaded):
-            tensor, target = loaded.pop(name), targets[name]  # each file tensor freed once copied
+    with torch.no_grad():  # one file tensor in memory at a time, each checked before it is copied
+        for name, tensor in _checked_tensors(where, header):
+            target = targets[name]
             if target.dtype != tensor.dtype:
                 target.data = torch.empty_like(target, dtype=tensor.dtype)
             target.copy_(tensor)
@@ -344,14 +348,15 @@ def _validate_header(raw, where: str) -> _Header:
 
 # -- the tensors --------------------------------------------------------------------------------
 
-def _read_tensors(where: str, header: _Header) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, checked against the header (names, exact dtype and shape, CRC-32) and
-    every packed index tensor checked for positions >= M."""
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def _check_layout(where: str, header: _Header) -> None:
+    """The file's tensor names, dtypes and shapes (read from its index, no data) are the header's."""
     from safetensors import safe_open
 
-    if header.version < 2:
-        warnings.warn(f"{where} is an nmfx format-{header.version} file without checksums: corrupted tensor data "
-                      "cannot be detected; save it again with this nmfx to add them", UserWarning, stacklevel=3)
     try:
         with safe_open(where, framework="pt") as f:
             names = set(f.keys())
@@ -359,24 +364,54 @@ def _read_tensors(where: str, header: _Header) -> dict[str, torch.Tensor]:
             problems += [f"{name} is in the nmfx header but not in the file" for name in sorted(header.tensors.keys() - names)]
             if problems:
                 raise ValueError(f"{where} is inconsistent; nothing was loaded:\n  " + "\n  ".join(problems[:20]))
-            loaded = {name: f.get_tensor(name) for name in sorted(names)}
+            for name in sorted(names):
+                part, spec = f.get_slice(name), header.tensors[name]
+                dtype, shape = _SAFETENSORS_DTYPES.get(part.get_dtype()), tuple(part.get_shape())
+                if dtype != spec.dtype or shape != spec.shape:
+                    raise ValueError(f"{where} is inconsistent: {name} is "
+                                     f"{_dtype_name(dtype) if dtype else part.get_dtype()} {list(shape)} in the data but "
+                                     f"{_dtype_name(spec.dtype)} {list(spec.shape)} in the nmfx header; nothing was loaded")
     except ValueError:
         raise
     except Exception as error:
         raise ValueError(f"{where} is corrupted or truncated ({type(error).__name__}: {error}); "
                          "nothing was loaded") from error
-    for name, tensor in loaded.items():
-        spec = header.tensors[name]
-        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise ValueError(f"{where} is inconsistent: {name} is {_dtype_name(tensor.dtype)} {list(tensor.shape)} in "
-                             f"the data but {_dtype_name(spec.dtype)} {list(spec.shape)} in the nmfx header; "
-                             "nothing was loaded")
-        if spec.crc32 is not None and _crc32(tensor) != spec.crc32:
-            raise ValueError(f"{where} is corrupted: checksum mismatch for {name} (crc32 {_crc32(tensor)}, the header "
-                             f"says {spec.crc32}); nothing was loaded")
-    for layer in header.layers:
-        _check_positions(where, layer, loaded[layer.weight + _INDICES])
-    return loaded
+
+
+def _checked_tensors(where: str, header: _Header) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the file, one at a time (the caller copies each and drops it), each checked against
+    the header before it is yielded (exact dtype and shape again, CRC-32, and for packed indices every
+    position < M), after :func:`_check_layout`. A failure raises ValueError; the caller has changed only
+    its staging copy."""
+    from safetensors import safe_open
+
+    if header.version < 2:
+        warnings.warn(f"{where} is an nmfx format-{header.version} file without checksums: corrupted tensor data "
+                      "cannot be detected; save it again with this nmfx to add them", UserWarning, stacklevel=3)
+    indices_of = {layer.weight + _INDICES: layer for layer in header.layers}
+    try:
+        with safe_open(where, framework="pt") as f:
+            names = sorted(f.keys())
+            if set(names) != header.tensors.keys():  # the file changed since _check_layout read it
+                raise ValueError(f"{where} changed while it was being loaded (its tensor names no longer match its "
+                                 "nmfx header); nothing was loaded")
+            for name in names:
+                tensor, spec = f.get_tensor(name), header.tensors[name]
+                if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                    raise ValueError(f"{where} is inconsistent: {name} is {_dtype_name(tensor.dtype)} "
+                                     f"{list(tensor.shape)} in the data but {_dtype_name(spec.dtype)} {list(spec.shape)} "
+                                     "in the nmfx header; nothing was loaded")
+                if spec.crc32 is not None and _crc32(tensor) != spec.crc32:
+                    raise ValueError(f"{where} is corrupted: checksum mismatch for {name} (crc32 {_crc32(tensor)}, the "
+                                     f"header says {spec.crc32}); nothing was loaded")
+                if name in indices_of:
+                    _check_positions(where, indices_of[name], tensor)
+                yield name, tensor
+    except ValueError:
+        raise
+    except Exception as error:
+        raise ValueError(f"{where} is corrupted or truncated ({type(error).__name__}: {error}); "
+                         "nothing was loaded") from error
 
 
 def _check_positions(where: str, layer: _Layer, indices: torch.Tensor) -> None:
