@@ -13,7 +13,10 @@
     torchrun --nproc_per_node=2 examples/train_distributed.py --engine fsdp2 --meta-init
 
 Every rank sparsifies the same model *before* wrapping it; ``nmfx.step`` after each optimizer step
-refreshes masks from the full parameters (all-gathered under FSDP2), so they agree on every rank.
+refreshes the masks. Under FSDP2 each rank stores and recomputes only its shard of each mask (a DTensor
+sharded like its weight, wherever no shard boundary splits a group of M; else the mask stays whole on every
+rank, with a warning), and the forward gathers the mask with the weight; the last line printed gives the
+mask bytes each rank stores.
 Checkpoints are ``torch.distributed.checkpoint`` directories of the model (dense weights, masks and
 schedule state: nmfx's state dict holds tensors only), the optimizer and the step, written with
 ``get_state_dict`` / ``set_state_dict`` so the same code serves DDP and FSDP2 (sharded parameters are
@@ -105,12 +108,20 @@ def main() -> None:
     wrapped.eval()
     with torch.no_grad():
         accuracy = (wrapped(x_test.to(device)).argmax(-1).cpu() == y_test).float().mean().item()
+    stored = sum(_local(state.mask).numel() for state in nmfx.states(model).values())
+    whole = sum(state.mask.numel() for state in nmfx.states(model).values())
     if rank == 0:
-        print(f"{args.engine} x{world}: test accuracy {accuracy:.3f} at {args.pattern} {args.method}")
+        print(f"{args.engine} x{world}: test accuracy {accuracy:.3f} at {args.pattern} {args.method}; "
+              f"mask bytes stored per rank: {stored:,} of {whole:,}")
     saved_in_loop = args.checkpoint_every and args.steps % args.checkpoint_every == 0 and args.steps > start
     if args.checkpoint and not saved_in_loop:
         save_checkpoint(os.path.join(args.checkpoint, f"step-{args.steps}"), model, opt, args.steps)
     dist.destroy_process_group()
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """What this rank stores of ``tensor``: its shard of a DTensor (FSDP2), else all of it."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def load_dense_weights(model: nn.Module, device: torch.device) -> None:
