@@ -47,6 +47,8 @@ DESIGN_PAIRS = (
     (("ste", "warmup50"), ("ste", None)),
     (("mdgf", "linear-f25"), ("mdgf", "linear")),
     (("mdgf", "linear-f75"), ("mdgf", "linear")),
+    # Added after seeing the first runs (stated in ACCURACY.md): equal alpha>0 time and FLOPs at 25 %.
+    (("mdgf", "linear-f25"), ("srste", "warmup25")),
 )
 
 
@@ -92,8 +94,10 @@ def _key(run: dict[str, Any]) -> tuple:
     return run["budget"], run["task"], run["pattern"], run["method"], variant if variant is None else str(variant)
 
 
-def cells(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One dict per (budget, task, pattern, recipe) compared with SR-STE at equal steps on shared seeds."""
+def cells(runs: Iterable[dict[str, Any]], field: str = "metric") -> list[dict[str, Any]]:
+    """One dict per (budget, task, pattern, recipe) compared with SR-STE at equal steps on shared seeds, and
+    the controlled study's comparisons (:func:`design_cells`); ``field`` as there (``"loss_end"`` leaves
+    out the first study)."""
     runs = list(runs)
     metric: dict[tuple, dict[int, float]] = defaultdict(dict)
     higher_better: dict[str, bool] = {}
@@ -115,7 +119,9 @@ def cells(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         diffs = [sign * (by_seed[s] - baseline[s]) for s in seeds]
         out.append({"budget": budget, "task": task, "pattern": pattern, "method": method, "variant": variant,
                     "seeds": seeds, "differences": diffs, **paired_test(diffs)})
-    out += design_cells(runs)
+    if field != "metric":  # the secondary analysis (training loss) covers the controlled study only
+        out = []
+    out += design_cells(runs, field)
     for budget in {c["budget"] for c in out}:
         family = [c for c in out if c["budget"] == budget]
         for cell, p in zip(family, holm([c["p_t"] for c in family])):
@@ -130,15 +136,17 @@ def _setting(run: dict[str, Any]) -> tuple:
     return run["task"], run["steps"], run["lr"], run.get("init") or ""
 
 
-def design_cells(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def design_cells(runs: Iterable[dict[str, Any]], key: str = "metric") -> list[dict[str, Any]]:
     """The controlled study's comparisons (budget "design"): every recipe vs SR-STE, and DESIGN_PAIRS,
-    within each setting and pattern, paired on shared seeds."""
+    within each setting and pattern, paired on shared seeds. ``key``: the record field compared --
+    ``"metric"`` (test accuracy / validation perplexity) or ``"loss_end"`` (the mean training loss over the
+    last 10 % of steps; lower is better)."""
     metric: dict[tuple, dict[int, float]] = defaultdict(dict)
     higher_better: dict[str, bool] = {}
     for run in runs:
         if is_design(run) and run.get("pattern") is not None:
-            metric[_setting(run) + (run["pattern"], run["method"], run["variant"])][run["seed"]] = run["metric"]
-            higher_better[run["task"]] = run["metric_name"] == "accuracy"
+            metric[_setting(run) + (run["pattern"], run["method"], run["variant"])][run["seed"]] = run[key]
+            higher_better[run["task"]] = key == "metric" and run["metric_name"] == "accuracy"
     out = []
     groups = sorted({key[:5] for key in metric}, key=str)
     for group in groups:
@@ -173,7 +181,7 @@ def verdict(cell: dict[str, Any], alpha: float, min_seeds: int) -> str:
     return "no evidence"
 
 
-def markdown(all_cells: list[dict[str, Any]], alpha: float, min_seeds: int) -> str:
+def markdown(all_cells: list[dict[str, Any]], alpha: float, min_seeds: int, key: str = "metric") -> str:
     lines = []
     for budget in ("steps", "flops"):
         family = [c for c in all_cells if c["budget"] == budget]
@@ -193,9 +201,11 @@ def markdown(all_cells: list[dict[str, Any]], alpha: float, min_seeds: int) -> s
         lines.append("")
     family = [c for c in all_cells if c["budget"] == "design"]
     if family:
-        lines += [f"**Controlled study (accuracy.py --design)** — {len(family)} comparisons, Holm-corrected together; "
-                  "difference > 0 means the recipe is better than the one it is compared with (test accuracy as a "
-                  "fraction); 95 % CI: t interval of the mean paired difference", "",
+        what = ("test accuracy as a fraction" if key == "metric" else
+                "final training loss, the mean over the last 10 % of steps: > 0 means a lower loss")
+        lines += [f"**Controlled study (accuracy.py --design){'' if key == 'metric' else ', final training loss'}** — "
+                  f"{len(family)} comparisons, Holm-corrected together; difference > 0 means the recipe is better "
+                  f"than the one it is compared with ({what}); 95 % CI: t interval of the mean paired difference", "",
                   "| setting | pattern | recipe | vs | seeds | mean diff | 95 % CI | p (paired t) | p (Holm) | "
                   "p (Wilcoxon) | verdict |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -219,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=DEFAULT_OUT, help="writes OUT.json and OUT.md")
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--min-seeds", type=int, default=5, help="fewer seeds than this never make a win or loss")
+    parser.add_argument("--metric", default="metric", choices=["metric", "loss_end"],
+                        help="compare the runs' metric (default) or, for the controlled study only, their final "
+                             "training loss (loss_end: mean over the last 10 %% of steps, lower is better)")
     parser.add_argument("--writeup", default=None,
                         help="also replace the 'stats' generated block of this file (e.g. benchmarks/ACCURACY.md) "
                              "with the controlled study's table")
@@ -228,22 +241,23 @@ def main(argv: list[str] | None = None) -> int:
         with open(path) as f:
             loaded = json.load(f)
         runs += loaded["runs"] if isinstance(loaded, dict) else loaded
-    all_cells = cells(runs)
+    all_cells = cells(runs, args.metric)
     if not all_cells:
         raise SystemExit("no cell has SR-STE and a recipe on at least two shared seeds")
-    text = markdown(all_cells, args.alpha, args.min_seeds)
+    text = markdown(all_cells, args.alpha, args.min_seeds, args.metric)
     for cell in all_cells:
         cell["verdict"] = verdict(cell, args.alpha, args.min_seeds).replace("**", "")
     print(text)
     with open(args.out + ".json", "w") as f:
         json.dump({"alpha": args.alpha, "min_seeds": args.min_seeds, "correction": "holm (per budget)",
-                   "test": "paired t, two-sided",
+                   "test": "paired t, two-sided", "compared": args.metric,
                    "cells": all_cells}, f, indent=1)
     with open(args.out + ".md", "w") as f:
         f.write(text)
     if args.writeup:
-        design = markdown([c for c in all_cells if c["budget"] == "design"], args.alpha, args.min_seeds)
-        _replace_block(args.writeup, "stats", design or "(no controlled-study runs yet)")
+        design = markdown([c for c in all_cells if c["budget"] == "design"], args.alpha, args.min_seeds, args.metric)
+        _replace_block(args.writeup, "stats" if args.metric == "metric" else "stats_loss",
+                       design or "(no controlled-study runs yet)")
     return 0
 
 

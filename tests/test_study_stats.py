@@ -107,3 +107,15 @@ def test_writeup_block_is_replaced_and_a_missing_block_is_an_error(tmp_path):
     doc.write_text("no block here\n")
     with pytest.raises(SystemExit, match="no .* block"):
         study_stats.main([str(data), "--out", str(tmp_path / "s"), "--writeup", str(doc)])
+
+
+def test_training_loss_analysis_is_lower_is_better_and_design_only():
+    runs = []
+    for seed in range(5):
+        for m, v, loss in (("srste", None, 0.05), ("mdgf", "linear", 0.01)):
+            runs.append(dict(_design_run(m, v, seed, 0.9), loss_end=loss + seed * 1e-4 * (m == "mdgf")))
+        runs.append(dict(_design_run("mdgf", "linear", seed, 0.5), config="default", loss_end=9.0))
+    cells = study_stats.cells(runs, "loss_end")
+    assert [(c["budget"], c["method"]) for c in cells] == [("design", "mdgf")]
+    assert cells[0]["mean"] > 0.039 and study_stats.verdict(cells[0], 0.05, 5) == "**win**"  # lower loss = better
+    assert "final training loss" in study_stats.markdown(cells, 0.05, 5, "loss_end")
