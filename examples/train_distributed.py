@@ -33,6 +33,7 @@ the same as without the flag, step for step.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -116,6 +117,11 @@ def main() -> None:
     saved_in_loop = args.checkpoint_every and args.steps % args.checkpoint_every == 0 and args.steps > start
     if args.checkpoint and not saved_in_loop:
         save_checkpoint(os.path.join(args.checkpoint, f"step-{args.steps}"), model, opt, args.steps)
+    # The model and its device mesh die before the process group, and no rank tears gloo down while another
+    # still talks to it: a gloo group torn down at interpreter exit can abort the process.
+    del wrapped, model, opt
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -45,7 +45,43 @@ def gather_mask(mask: Tensor) -> Tensor:
 
     shards = DTensor.from_local(mask.to_local().view(torch.uint8), mask.device_mesh, mask.placements,
                                 shape=mask.shape, stride=mask.stride())
-    return shards.full_tensor().view(torch.bool)
+    whole = shards.full_tensor()
+    wait = getattr(whole, "wait", None)  # an AsyncCollectiveTensor: the plain tensor, once the gather is done
+    return (wait() if callable(wait) else whole).view(torch.bool)
+
+
+class _MaskShard:
+    """What autograd keeps of a gathered mask between forward and backward: its shard (gathered again there)."""
+
+    __slots__ = ("shard",)
+
+    def __init__(self, shard: Tensor) -> None:
+        self.shard = shard
+
+
+def _call_with_shard_saved(op, whole: Tensor, shard: Tensor, *args):
+    """``op(*args)`` (which takes ``whole``, the gathered ``shard``), its autograd keeping the shard instead of the
+    whole mask, so the backward gathers it again (as FSDP2 does its weight): per-rank mask memory between forward
+    and backward is that of the shard. Saved-tensor hooks already active (activation checkpointing, offloading)
+    still see every other saved tensor."""
+    if not torch.is_grad_enabled() or not torch._C._autograd._saved_tensors_hooks_is_enabled():
+        return op(*args)
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    outer_pack, outer_unpack = outer if outer is not None else (None, None)
+    ptr, shape = whole.data_ptr(), whole.shape
+
+    def pack(t: Tensor):
+        if t.dtype == torch.bool and t.shape == shape and t.data_ptr() == ptr:
+            return _MaskShard(shard)
+        return outer_pack(t) if outer_pack is not None else t
+
+    def unpack(packed):
+        if isinstance(packed, _MaskShard):
+            return gather_mask(packed.shard)
+        return outer_unpack(packed) if outer_unpack is not None else packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return op(*args)
 
 
 def effective_weight(weight: Tensor, mask: Tensor, alpha: Tensor) -> Tensor:
@@ -157,10 +193,12 @@ def masked_weight(
     traced = _record_if_traced(masked_weight, (weight, mask, alpha, srste_lambda), {"exact_gradient": exact_gradient})
     if traced is not None:
         return traced
-    if is_dtensor(mask) and not is_dtensor(weight):  # FSDP2: the weight is gathered for the forward, so the mask
-        mask = gather_mask(mask)
     if alpha is None:
         alpha = torch.zeros((), device=weight.device)
+    if is_dtensor(mask) and not is_dtensor(weight):  # FSDP2: the weight is gathered for the forward, so the mask
+        whole = gather_mask(mask)
+        return _call_with_shard_saved(torch.ops.nmfx.masked_weight, whole, mask, weight, whole, alpha, srste_lambda,
+                                      exact_gradient)
     return torch.ops.nmfx.masked_weight(weight, mask, alpha, srste_lambda, exact_gradient)
 
 
@@ -178,14 +216,12 @@ def masked_linear(
 
     Under autocast, ``x``, ``weight`` and ``bias`` are cast to the autocast dtype first (gradients flow
     back through the cast to the full-precision weight). A sharded mask (a DTensor, nmfx's storage under
-    FSDP2) with a whole weight (FSDP2 gathers it for the forward) is gathered too (:func:`gather_mask`); the
-    op keeps that whole mask until its backward (1 byte per weight element, freed there)."""
+    FSDP2) with a whole weight (FSDP2 gathers it for the forward) is gathered too (:func:`gather_mask`), and
+    gathered again in the backward: between the two, autograd keeps only the shard."""
     traced = _record_if_traced(masked_linear, (x, weight, mask, bias, alpha, srste_lambda),
                                {"exact_gradient": exact_gradient, "transposed": transposed})
     if traced is not None:
         return traced
-    if is_dtensor(mask) and not is_dtensor(weight):
-        mask = gather_mask(mask)
     if alpha is None:
         alpha = torch.zeros((), device=weight.device)
     device_type = x.device.type
@@ -193,6 +229,10 @@ def masked_linear(
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
+    if is_dtensor(mask) and not is_dtensor(weight):
+        whole = gather_mask(mask)
+        return _call_with_shard_saved(torch.ops.nmfx.masked_linear, whole, mask, x, weight, whole, bias, alpha,
+                                      srste_lambda, exact_gradient, transposed)
     return torch.ops.nmfx.masked_linear(x, weight, mask, bias, alpha, srste_lambda, exact_gradient, transposed)
 
 

@@ -182,7 +182,6 @@ class NMState(nn.Module):
         schedule: each rank can then store and compute only its own shard of the mask."""
         return all(_shard_local(weight, pattern, self.dim) for pattern in set(self.stages))
 
-    @torch.no_grad()
     def match_layout(self, weight: Tensor) -> bool:
         """Store the mask like ``weight``: sharded (a DTensor with the weight's mesh and placements, each rank
         holding only its shard) when :meth:`shardable`, whole otherwise. Changes only the layout, never the

@@ -282,9 +282,24 @@ def _run_sharded(rank: int, out: str) -> None:
     fresh = _shard_columns(_split_model())
     set_model_state_dict(fresh, full, options=StateDictOptions(full_state_dict=True))
     reloaded = all(torch.equal(masks[k], v) for k, v in nmfx.masks(fresh).items())
+
+    # Between forward and backward autograd keeps a sharded mask's shard, not the gathered mask; saved-tensor
+    # hooks of the user's (here: a recorder) still see everything else.
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+        loss = model(_batch(0).chunk(WORLD)[rank]).square().mean()
+    loss.backward()
+    kept = {"bool": sorted({shape for dtype, shape in saved if dtype == torch.bool}),
+            "float": any(dtype == torch.float32 for dtype, _ in saved)}
+    grads = {k: _full(p.grad).clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    from torch.utils.checkpoint import checkpoint  # activation checkpointing: the same gradients
+
+    checkpoint(model, _batch(0).chunk(WORLD)[rank], use_reentrant=False).square().mean().backward()
+    kept["checkpointed"] = all(torch.equal(_full(p.grad), grads[k]) for k, p in model.named_parameters())
     if rank == 0:
         torch.save({"masks": masks, "weights": weights, "stats": stats, "report": report, "warned": whole_warned,
-                    "refusal": refusal, "unchanged": unchanged, "reloaded": reloaded,
+                    "refusal": refusal, "unchanged": unchanged, "reloaded": reloaded, "kept": kept,
                     "storage": {"trained": _mask_storage(model), "reloaded": _mask_storage(fresh)}}, out)
 
 
@@ -352,7 +367,8 @@ def test_masks_sharded_along_the_groups_or_kept_whole_where_shards_split_them(tm
     """FSDP2 sharding the group dim: a mask whose groups of M are split by the shard boundary stays whole (with a
     warning), the other is sharded; training, nmfx.stats and nmfx.report equal one process; a checkpoint with one
     rank's shard corrupted is refused by every rank with nothing loaded; a gathered state dict loads into a fresh
-    sharded model; the run's DCP checkpoint deploys (to_inference_from_checkpoint) like to_inference of one process."""
+    sharded model; autograd keeps mask shards, not gathered masks, from forward to backward; the run's DCP
+    checkpoint deploys (to_inference_from_checkpoint) like to_inference of one process."""
     out = str(tmp_path / "rank0.pt")
     mp.start_processes(_worker, args=("sharded", _free_port(), out), nprocs=WORLD, start_method="spawn")
     result = torch.load(out, weights_only=False)
@@ -372,6 +388,7 @@ def test_masks_sharded_along_the_groups_or_kept_whole_where_shards_split_them(tm
     assert result["report"] == [(row.name, row.density) for row in nmfx.report(reference)]
     assert "refusing to load" in result["refusal"] and "2.weight" in result["refusal"], result["refusal"]
     assert result["unchanged"] and result["reloaded"]
+    assert result["kept"] == {"bool": [(32, 16)], "float": True, "checkpointed": True}  # layer 0's whole mask only: layer 2's is a shard
 
     with torch.device("meta"):
         fresh = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
