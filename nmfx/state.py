@@ -7,6 +7,11 @@ the pattern, method, group dim and weight shape, as uint8 bytes). The ``state_di
 tensors only: ``torch.save``, ``safetensors``, DCP and ``save_pretrained`` take it as it is, DDP
 broadcasts it, and the optimizer only ever sees the dense weights.
 
+Under FSDP2 the mask is stored like its weight (:meth:`NMState.match_layout`): a DTensor with the weight's
+mesh and placements, each rank holding only its shard, wherever no shard boundary splits a group of M; the
+forward gathers it (``nmfx.ops.masked_linear``), :meth:`NMState.full_mask` gives the whole mask, and DCP /
+``get_state_dict`` / ``set_model_state_dict`` shard and gather it like the weight.
+
 Loading checks every incoming entry before anything is copied (:func:`checkpoint_problems`): the config
 must match the model's, ``step`` is an integer >= 0, ``alpha`` lies in [0, 1], ``srste_lambda`` is finite
 and >= 0, and the mask is a bool tensor of the weight's shape keeping exactly N of every M along the
