@@ -303,12 +303,31 @@ def _run_sharded(rank: int, out: str) -> None:
                     "storage": {"trained": _mask_storage(model), "reloaded": _mask_storage(fresh)}}, out)
 
 
+def _uneven_model() -> nn.Module:
+    """Row counts that FSDP2's dim-0 sharding splits unevenly (3 rows: 2 + 1) and leaves a rank empty (1: 1 + 0),
+    under gmp (masks that only ever lose weights: the monotone refresh, shard by shard)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 3), nn.ReLU(), nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 1))
+    return nmfx.sparsify(model, "1:4", "gmp", include=["0", "4"], total_steps=3)
+
+
+def _run_uneven(rank: int, out: str) -> None:
+    model = _shard(_uneven_model())
+    _train(model, torch.optim.SGD(model.parameters(), lr=0.1), STEPS, rank, WORLD)
+    local = {name: tuple(state.mask.to_local().shape) for name, state in nmfx.states(model).items()}
+    masks = {k: v.clone() for k, v in nmfx.masks(model).items()}
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, local)
+    if rank == 0:
+        torch.save({"masks": masks, "local": gathered}, out)
+
+
 def _worker(rank: int, mode: str, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        {"meta_flow": _run_meta_flow, "sharded": _run_sharded}.get(mode, lambda r, o: _run(r, mode, o))(rank, out)
+        {"meta_flow": _run_meta_flow, "sharded": _run_sharded, "uneven": _run_uneven}.get(mode, lambda r, o: _run(r, mode, o))(rank, out)
         # The models (and FSDP2's device mesh) die here, while the process group is alive: a gloo
         # group that outlives them is torn down at interpreter exit instead, where its worker
         # threads can abort the process ("terminate called without an active exception").
@@ -401,6 +420,20 @@ def test_masks_sharded_along_the_groups_or_kept_whole_where_shards_split_them(tm
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
         else:
             assert torch.equal(got[key], value), key
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_uneven_and_empty_mask_shards_train_like_one_process(tmp_path):
+    out = str(tmp_path / "rank0.pt")
+    mp.start_processes(_worker, args=("uneven", _free_port(), out), nprocs=WORLD, start_method="spawn")
+    result = torch.load(out, weights_only=False)
+    assert result["local"] == [{"0.weight": (2, 16), "4.weight": (1, 16)}, {"0.weight": (1, 16), "4.weight": (0, 16)}]
+    reference = _uneven_model()
+    _train(reference, torch.optim.SGD(reference.parameters(), lr=0.1), STEPS)
+    expected = nmfx.masks(reference)
+    assert result["masks"].keys() == expected.keys()
+    for name, mask in expected.items():
+        assert torch.equal(result["masks"][name], mask), name
 
 
 def _run_example(engine, *args):
