@@ -35,8 +35,9 @@ def refresh(model: nn.Module) -> nn.Module:
     Call it after ``model.to_empty(...)`` and loading or initialising the weights of a model sparsified on the
     meta device (``set_model_state_dict`` of a dense checkpoint, ``load_state_dict``, an init function). The
     result equals sparsifying a model that held these weights from the start. Under FSDP2 it is a collective:
-    call it on every rank; each rank then stores only its shard of each mask (:func:`match_mask_layouts`). To resume a sparse run, load its checkpoint
-    instead (model and nmfx state): refresh would start the schedules over.
+    call it on every rank; each rank then stores only its shard of each mask (:func:`match_mask_layouts`). To
+    resume a sparse run, load its checkpoint instead (model and nmfx state): refresh would start the schedules
+    over.
 
     Raises:
         ValueError: ``model`` is not sparsified by nmfx.
@@ -69,7 +70,8 @@ def match_mask_layouts(model: nn.Module, *_: Any) -> list[str]:
     must become whole again (its weight was sharded differently since)."""
     found = states(model)
     weights = {name: model.get_parameter(name) for name in found}
-    return [name for name, state in found.items() if not state.match_layout(weights[name]) and is_dtensor(weights[name])]
+    return [name for name, state in found.items()
+            if not state.match_layout(weights[name]) and is_dtensor(weights[name])]
 
 
 def unrefreshed_states(model: nn.Module) -> dict[str, str]:

@@ -327,7 +327,8 @@ def _worker(rank: int, mode: str, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        {"meta_flow": _run_meta_flow, "sharded": _run_sharded, "uneven": _run_uneven}.get(mode, lambda r, o: _run(r, mode, o))(rank, out)
+        runs = {"meta_flow": _run_meta_flow, "sharded": _run_sharded, "uneven": _run_uneven}
+        runs.get(mode, lambda r, o: _run(r, mode, o))(rank, out)
         # The models (and FSDP2's device mesh) die here, while the process group is alive: a gloo
         # group that outlives them is torn down at interpreter exit instead, where its worker
         # threads can abort the process ("terminate called without an active exception").
@@ -407,7 +408,8 @@ def test_masks_sharded_along_the_groups_or_kept_whole_where_shards_split_them(tm
     assert result["report"] == [(row.name, row.density) for row in nmfx.report(reference)]
     assert "refusing to load" in result["refusal"] and "2.weight" in result["refusal"], result["refusal"]
     assert result["unchanged"] and result["reloaded"]
-    assert result["kept"] == {"bool": [(32, 16)], "float": True, "checkpointed": True}  # layer 0's whole mask only: layer 2's is a shard
+    # autograd kept layer 0's whole mask (it is not sharded), not layer 2's gathered (16, 32) one
+    assert result["kept"] == {"bool": [(32, 16)], "float": True, "checkpointed": True}
 
     with torch.device("meta"):
         fresh = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
