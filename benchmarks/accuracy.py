@@ -839,9 +839,13 @@ def plot_design(records: list[dict], out: Path) -> list[Path]:
               if any(group(r) == g and r["pattern"] == p for r in records)]
     if not panels:
         return []
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2), squeeze=False)
-    for ax, ((task, steps, lr, init), pattern) in zip(axes[0], panels):
-        rs = [r for r in records if group(r) == (task, steps, lr, init)]
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 5.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, ((task, steps, lr, init), pattern) in zip(axes.flat, panels):
+        rs = [r for r in records if group(r) == (task, steps, lr, init) and r["pattern"] in (None, pattern)]
         recipes = _design_recipes(rs)
         for i, (method, variant) in enumerate(recipes):
             vals = [r["metric"] for r in rs if r["method"] == method and r["variant"] == variant
