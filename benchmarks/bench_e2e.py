@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny widths, one rep: a smoke run")
     parser.add_argument("--pattern", default="1:8")
+    parser.add_argument("--models", nargs="*", default=None, help="names from configs() (default: all)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--decode-batches", default="1,8,32")
     parser.add_argument("--prefill", default="128,512")
@@ -323,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     rows = []
-    for name, (config_name, kwargs) in configs(args.quick).items():
+    chosen = {name: spec for name, spec in configs(args.quick).items() if not args.models or name in args.models}
+    if not chosen:
+        parser.error(f"--models: none of {args.models} is one of {sorted(configs(args.quick))}")
+    for name, (config_name, kwargs) in chosen.items():
         plain, sparse = build(config_name, kwargs, args.pattern)
         for dtype_name in args.dtypes.split(","):
             rows += measure(name, (config_name, kwargs), plain, sparse, args.pattern, getattr(torch, dtype_name), args)
