@@ -47,7 +47,8 @@ def sparsify(
             the first matching entry wins, a weight no entry matches stays dense ("no pattern matched"), and an
             entry that cannot apply to a weight it matches (M does not divide its input dim) is a ValueError
             naming the glob; or a whole :class:`nmfx.config.SparsifyConfig` (then pass no other options).
-        method: ``"dense"``, ``"ste"``, ``"srste"``, ``"mdgf"``, ``"sdgf"`` (the default) or a method config.
+        method: ``"dense"``, ``"ste"``, ``"srste"``, ``"mdgf"``, ``"sdgf"`` (the default), ``"gmp"`` or a
+            method config.
         example_inputs: inputs for a ``torch.export`` analysis graph (tensor, tuple or dict of kwargs);
             transformers models provide their own.
         include, exclude: globs over weight names, module names and roles (see ``nmfx.passes.policy``).
@@ -71,6 +72,9 @@ def sparsify(
         warnings.warn("nmfx.sparsify: sdgf without total_steps moves to the next stage every 1,000 steps; "
                       "pass total_steps=<optimizer steps of your run> to spread the stages over it "
                       "(or stage_steps=...)", stacklevel=2)
+    if method.name == "gmp" and method.total_steps is None and method.ramp_steps is None:
+        warnings.warn("nmfx.sparsify: gmp without total_steps ramps its kept count from M to N over 1,000 steps; "
+                      "pass total_steps=<optimizer steps of your run> (or ramp_steps=...)", stacklevel=2)
     compiled = sparsify_model(model, config, example_inputs)
     rows = compiled.rows
     object.__setattr__(model, RECORD_ATTR, SparsifyRecord(config, rows, compiled.frontend, compiled.note))

@@ -162,6 +162,15 @@ def test_default_call_works_and_warns_about_sdgf_stage_length():
     assert nmfx.masks(model)
 
 
+def test_gmp_without_a_length_says_how_long_its_ramp_is():
+    with pytest.warns(UserWarning, match="gmp without total_steps ramps .* over 1,000 steps"):
+        nmfx.sparsify(fresh(), "1:4", "gmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nmfx.sparsify(fresh(), "1:4", "gmp", total_steps=100)
+        nmfx.sparsify(fresh(), "1:4", "gmp", ramp_steps=50)
+
+
 def test_unknown_option_on_a_method_config():
     with pytest.raises(ValueError, match="unknown option.*nope"):
         nmfx.sparsify(fresh(), "1:4", nmfx.STE(), nope=3)
