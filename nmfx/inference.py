@@ -16,7 +16,7 @@ from nmfx.layers import MaskedLinear, NMLinear, is_conv1d
 from nmfx.meta import META_KEY, PrunableOp, annotated_nodes
 from nmfx.packed import MAX_PACKED_M
 from nmfx.pattern import nm_mask
-from nmfx.passes.lower_inference import PLAN_KEY, SEMI_SUFFIX, lower_weight, plan_weight
+from nmfx.passes.lower_inference import PLAN_KEY, SEMI_REFUSED, SEMI_SUFFIX, lower_weight, plan_weight
 from nmfx.passes.rewrite_modules import MaskedMultiheadAttention
 from nmfx.refresh import require_refreshed
 from nmfx.state import NMState
@@ -109,23 +109,15 @@ def to_inference(model: nn.Module, backend: str = "auto", *, dtype: Optional[tor
         return plans
 
     lone = lower_graphs(list(scoped.values()), backend, _structure_only, before_install=plan_lone_layers)
-    lowered: dict[str, PrunableOp] = {}
     for scope, gm in scoped.items():
         if gm is getattr(target, ROOT_GRAPH_ATTR, None):
             sync_root(target)
-        lowered.update((node.meta[META_KEY].weight, node.meta[META_KEY]) for node in annotated_nodes(gm.graph)
-                       if node.meta[META_KEY].status == "packed")
         _replace_standalone_scope(target, scope, gm)
-    reasons = {row.name: row.reason for row in found.rows}
     for module, op, plan in lone:
         lower_weight(module, plan, "weight", op, backend)
-        reason = reasons.get(op.weight, "")
-        lowered[op.weight] = dataclasses.replace(op, kind=plan.kind, status="packed", reason=f"{reason}; not "
-                                                 f"semi-structured: {plan.reason}" if plan.reason else reason)
     _materialize_attention(target)
-    rows = [dataclasses.replace(row, op=lowered[row.name].kind, status="packed", reason=lowered[row.name].reason)
-            if row.name in lowered else row for row in found.rows]
-    object.__setattr__(target, "_nmfx_record", dataclasses.replace(found, rows=rows, inference=True))
+    # The record keeps what sparsify decided; nmfx.report reads what lowering did from the model itself.
+    object.__setattr__(target, "_nmfx_record", dataclasses.replace(found, inference=True))
     for layer in target.modules():  # nm_linear has no backward; the rest keep requires_grad (see above)
         if isinstance(layer, NMLinear) and layer.bias is not None:
             layer.bias.requires_grad_(False)
@@ -238,7 +230,8 @@ def _replace_standalone_scope(model: nn.Module, scope: str, gm) -> None:
     op = ops[0]
     layer = NMLinear.__new__(NMLinear)
     nn.Module.__init__(layer)
-    layer._setup(op.in_features, op.out_features, op.pattern, _node_backend(gm), op.kind, op.transposed)
+    note = SEMI_REFUSED + op.reason.partition(f"; {SEMI_REFUSED}")[2] if f"; {SEMI_REFUSED}" in op.reason else ""
+    layer._setup(op.in_features, op.out_features, op.pattern, _node_backend(gm), op.kind, op.transposed, note)
     if op.kind == "semi_structured":
         layer.register_parameter("weight_semi", getattr(gm, "weight" + SEMI_SUFFIX))
     else:

@@ -75,8 +75,8 @@ class NMLinear(nn.Module):
     Attributes: ``in_features``, ``out_features``, ``pattern``, ``backend`` (``"auto"``: the op's kernel for
     the tensors' device, C++ on the CPU and Triton on CUDA; ``"reference"``: ``nmfx::nm_linear_reference``,
     plain torch on every device; may be changed), ``kind`` and ``transposed``
-    (the trained weight was stored ``[in, out]``, as a ``Conv1D``'s; the packed one is always ``[out, in]``)
-    and ``index_bits``.
+    (the trained weight was stored ``[in, out]``, as a ``Conv1D``'s; the packed one is always ``[out, in]``),
+    ``index_bits`` and ``note`` (what lowering said about the layer, e.g. why it is not semi-structured).
     There is no ``weight``: :meth:`dense_weight` unpacks one.
     """
 
@@ -97,7 +97,8 @@ class NMLinear(nn.Module):
                                                      requires_grad=False) if bias else None)
 
     def _setup(self, in_features: int, out_features: int, pattern: Pattern, backend: str, kind: str,
-               transposed: bool) -> None:
+               transposed: bool, note: str = "") -> None:
+        self.note = note  # what lowering said about this layer (e.g. why it is not semi-structured); nmfx.report
         self.in_features = in_features
         self.out_features = out_features
         self.pattern = pattern
@@ -163,11 +164,11 @@ def check_layer_backend(backend: str) -> None:
 
 
 def become_nm_linear(module: nn.Module, in_features: int, out_features: int, pattern: Pattern, backend: str,
-                     kind: str, transposed: bool) -> NMLinear:
+                     kind: str, transposed: bool, note: str = "") -> NMLinear:
     """Swap ``module``'s class to :class:`NMLinear` in place (its packed buffers are already registered and
     its dense weight and training state removed); returns it."""
     for stale in ("nf", "nx"):  # Conv1D's own names for the feature counts
         module.__dict__.pop(stale, None)
     module.__class__ = NMLinear
-    module._setup(in_features, out_features, pattern, backend, kind, transposed)
+    module._setup(in_features, out_features, pattern, backend, kind, transposed, note)
     return module

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import networkx as nx
 from torch import fx, nn
 
-from nmfx.accessors import masks, record
+from nmfx.accessors import graphs, masks, record
 from nmfx.config import SparsifyConfig
+from nmfx.layers import NMLinear
 from nmfx.meta import META_KEY, PrunableOp
 from nmfx.methods import Method
 from nmfx.pattern import Pattern
@@ -109,8 +110,12 @@ def report(model: nn.Module) -> Report:
     found = record(model)
     current = masks(model)
     pending = unrefreshed_states(model)
+    lowered = _lowered(model) if found.inference else {}
     rows = []
     for row in found.rows:
+        if row.name in lowered:  # packed by to_inference: what lowering did, read from the model now
+            kind, reason = lowered[row.name]
+            row = dataclasses.replace(row, op=kind, status="packed", reason=reason(row.reason))
         mask = current.get(row.name) if row.name not in pending else None
         density = float(mask.float().mean()) if mask is not None and row.status == "sparsified" else None
         if row.status == "packed":
@@ -122,6 +127,23 @@ def report(model: nn.Module) -> Report:
               f"{found.method.name}; analysis graph: {found.analysis_frontend}"
               + (f" ({found.analysis_note})" if found.analysis_note else ""))
     return Report(rows, header, dead_hooks(model))
+
+
+def _lowered(model: nn.Module) -> dict[str, tuple[str, Callable[[str], str]]]:
+    """``{weight: (kind, recorded reason -> reason)}`` of every packed layer of an inference model: from the
+    annotations of its graphs (their reason includes lowering's), else from the ``NMLinear`` itself (the
+    recorded reason followed by the layer's note)."""
+    out: dict[str, tuple[str, Callable[[str], str]]] = {}
+    for gm in graphs(model).values():
+        for node in gm.graph.nodes:
+            op = node.meta.get(META_KEY)
+            if op is not None and op.status == "packed":
+                out[op.weight] = (op.kind, lambda recorded, reason=op.reason: reason)
+    for name, module in model.named_modules():
+        weight = f"{name}.weight" if name else "weight"
+        if isinstance(module, NMLinear) and weight not in out:
+            out[weight] = (module.kind, lambda recorded, note=module.note: f"{recorded}; {note}" if note else recorded)
+    return out
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:

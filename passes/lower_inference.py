@@ -43,11 +43,13 @@ from nmfx.packed import index_bits, pack_nm
 from nmfx.pattern import Pattern
 from nmfx.state import STATE_SUFFIX, NMState
 
-__all__ = ["plan_lowering", "lower_inference", "plan_weight", "lower_weight", "LoweredWeight", "PLAN_KEY", "layer_backend", "semi_structured_problem", "VALUES_SUFFIX", "INDICES_SUFFIX", "SEMI_SUFFIX"]
+__all__ = ["plan_lowering", "lower_inference", "plan_weight", "lower_weight", "LoweredWeight", "PLAN_KEY", "SEMI_REFUSED", "layer_backend", "semi_structured_problem", "VALUES_SUFFIX", "INDICES_SUFFIX", "SEMI_SUFFIX"]
 
 VALUES_SUFFIX = "_values"
 INDICES_SUFFIX = "_indices"
 SEMI_SUFFIX = "_semi"
+#: How a layer's note / annotation reason says why it was not lowered to a 2:4 semi-structured tensor.
+SEMI_REFUSED = "not semi-structured: "
 #: ``node.meta`` key of a :class:`LoweredWeight` made by :func:`plan_lowering`.
 PLAN_KEY = "nmfx_lowering"
 
@@ -113,7 +115,7 @@ def lower_inference(gm: fx.GraphModule, backend: str = "auto", structure_only: b
                 _register(owner, param + suffix, tensor)
             installed[op.target] = (owner, param, op, plan)
         annotation = dataclasses.replace(op, kind=plan.kind, status="packed", pattern=plan.pattern,
-                                         reason=f"{op.reason}; not semi-structured: {plan.reason}" if plan.reason
+                                         reason=f"{op.reason}; {SEMI_REFUSED}{plan.reason}" if plan.reason
                                          else op.reason)
         if node.op == "call_module":  # the module itself becomes an NMLinear: the call stays, so do its hooks
             node.meta[META_KEY] = annotation
@@ -188,7 +190,7 @@ def _drop_dense(owner: torch.nn.Module, param: str, op: PrunableOp, plan: Lowere
     delattr(owner, param + STATE_SUFFIX)
     if swap and param == "weight" and convertible:
         become_nm_linear(owner, op.in_features, op.out_features, plan.pattern, layer_backend(backend), plan.kind,
-                         op.transposed)
+                         op.transposed, f"{SEMI_REFUSED}{plan.reason}" if plan.reason else "")
 
 
 def layer_backend(backend: str) -> str:
