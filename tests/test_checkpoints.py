@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import nmfx
+from tests.lm_cases import IDS, train_lm
 from nmfx.ops import effective_weight
 from nmfx.state import FORMAT_VERSION
 
@@ -359,17 +360,6 @@ def _llama(seed=0):
     return transformers.LlamaForCausalLM(config).eval()
 
 
-IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
-
-
-def _train_lm(model, steps):
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(steps):
-        model(IDS, labels=IDS).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        nmfx.step(model)
-    return model
 
 
 @pytest.fixture(autouse=False)
@@ -383,7 +373,7 @@ def quiet_transformers():
 def test_save_pretrained_round_trip(build, tmp_path, quiet_transformers):
     """Mid-schedule (alpha between 0 and 1): a plain from_pretrained computes what the sparsified model
     computes; nmfx's from_pretrained restores the sparsified model itself, which trains on identically."""
-    model = _train_lm(nmfx.sparsify(build(), "1:8", "mdgf", total_steps=12), 3)
+    model = train_lm(nmfx.sparsify(build(), "1:8", "mdgf", total_steps=12), 3)
     alpha = float(next(iter(nmfx.states(model).values())).alpha)
     assert 0 < alpha < 1
     logits = model(IDS).logits
@@ -407,8 +397,8 @@ def test_save_pretrained_round_trip(build, tmp_path, quiet_transformers):
     restored = hf.from_pretrained(type(model), tmp_path)
     _assert_same_state(restored, _snapshot(model))
     assert torch.equal(restored(IDS).logits, logits)
-    _train_lm(model, 2)
-    _train_lm(restored, 2)
+    train_lm(model, 2)
+    train_lm(restored, 2)
     _assert_same_state(restored, _snapshot(model))
 
 
@@ -427,7 +417,7 @@ def test_from_pretrained_refuses_what_nmfx_did_not_save(tmp_path, quiet_transfor
     with pytest.raises(ValueError, match="no 'nmfx' record"):
         hf.from_pretrained(transformers.GPT2LMHeadModel, tmp_path / "dense")
 
-    model = _train_lm(nmfx.sparsify(_gpt2(), "1:8", "mdgf", total_steps=12), 2)
+    model = train_lm(nmfx.sparsify(_gpt2(), "1:8", "mdgf", total_steps=12), 2)
     model.save_pretrained(tmp_path / "sparse")
     # loaded without nmfx and saved again: the record is in config.json, the nmfx tensors are gone
     transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "sparse").save_pretrained(tmp_path / "resaved")
@@ -465,7 +455,7 @@ def test_save_pretrained_files_list(tmp_path, quiet_transformers):
 
 
 def test_sharded_save_pretrained_round_trip(tmp_path, quiet_transformers):
-    model = _train_lm(nmfx.sparsify(_gpt2(), "1:8", "sdgf", total_steps=12), 4)
+    model = train_lm(nmfx.sparsify(_gpt2(), "1:8", "sdgf", total_steps=12), 4)
     model.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists() and not (tmp_path / "model.safetensors").exists()
     restored = hf.from_pretrained(transformers.GPT2LMHeadModel, tmp_path)

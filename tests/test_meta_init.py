@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import nmfx
+from tests.lm_cases import IDS, train_lm
 from nmfx.refresh import require_refreshed, unrefreshed_states
 
 transformers = pytest.importorskip("transformers")
@@ -44,7 +45,6 @@ def _llama():
 
 
 BUILDS = {"gpt2": _gpt2, "llama": _llama}
-IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
 X = torch.randn(8, 16, generator=torch.Generator().manual_seed(4))
 OPTIONS = {"pattern": "1:8", "method": "mdgf", "total_steps": 10}
 
@@ -84,16 +84,6 @@ def _meta_flow(build, dense_state, **options):
     return nmfx.refresh(model)
 
 
-def _train_lm(model, steps):
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(steps):
-        model(IDS, labels=IDS).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        nmfx.step(model)
-    return model
-
-
 def _bytes(t):
     """A tensor's bytes (uninitialised memory may hold NaNs and bools other than 0/1)."""
     return t.detach().reshape(-1).view(torch.uint8)
@@ -129,8 +119,8 @@ def test_meta_flow_equals_sparsifying_in_memory(arch):
     assert nmfx.report(model) == nmfx.report(reference)
     _assert_same_state(model, reference)
     assert torch.equal(model(IDS).logits, reference(IDS).logits)
-    _train_lm(model, 3)
-    _train_lm(reference, 3)
+    train_lm(model, 3)
+    train_lm(reference, 3)
     _assert_same_state(model, reference)
 
 
