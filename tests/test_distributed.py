@@ -476,25 +476,10 @@ def test_example_checkpoints_and_resumes_exactly(engine, tmp_path):
     """examples/train_distributed.py: DCP checkpoints (model incl. nmfx state, optimizer, step) under both
     engines; a run resumed from step 6 ends bit-identical to the uninterrupted run (issue 14: --checkpoint
     used to be ignored under FSDP2)."""
-    import shutil
-    import subprocess
-    import sysconfig
-
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    torchrun = os.path.join(sysconfig.get_path("scripts"), "torchrun")
-    if not os.path.exists(torchrun):
-        torchrun = shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun is not installed")
-    script = os.path.join(os.path.dirname(__file__), "..", "examples", "train_distributed.py")
-
     def run(*args):
-        done = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port", str(_free_port()), script,
-                               "--engine", engine, "--steps", "12", "--batch", "32", *args],
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        return done.stdout
+        return _run_example(engine, "--steps", "12", "--batch", "32", *args)
 
     run("--checkpoint", str(tmp_path / "a"), "--checkpoint-every", "6")
     out = run("--checkpoint", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "step-6"))
