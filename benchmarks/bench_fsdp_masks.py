@@ -29,7 +29,6 @@ from torch import nn
 
 import nmfx
 from nmfx.bench import machine_info
-from nmfx.state import NMState
 
 WORLD = 2
 LAYOUTS = ("sharded", "whole")

@@ -15,7 +15,6 @@ from torch import nn
 import nmfx
 from nmfx.meta import META_KEY, annotated_nodes
 from nmfx.ops import masked_linear
-from nmfx.passes.rewrite_masked import rewrite_masked
 from nmfx.passes.verify import InvariantError, verify
 from nmfx.pattern import Pattern
 from nmfx.state import NMState
