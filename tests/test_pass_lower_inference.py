@@ -3,7 +3,6 @@ the plans, and a model whose planning fails is left exactly as it was (to_infere
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from hypothesis import given, settings
