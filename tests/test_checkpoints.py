@@ -481,3 +481,26 @@ def test_dense_checkpoint_refused_by_a_computed_model_and_taken_by_a_meta_built_
     fresh = MLP()
     fresh.load_state_dict(dense.state_dict())
     _assert_same_state(meta, nmfx.sparsify(fresh, "1:8", "mdgf", **CASES["mdgf"]).state_dict())
+
+
+def test_effective_state_dict_gathers_sharded_weights_and_masks(quiet_transformers):
+    """Under FSDP2 a state dict holds DTensor shards of the weight and (since masks are sharded) of its
+    mask: save_pretrained's effective weights gather both (stood in for here by objects with full_tensor)."""
+    from nmfx.integrations.hf import effective_state_dict
+
+    class Shard:  # the part of the DTensor API effective_state_dict uses
+        def __init__(self, full):
+            self.full = full
+
+        def full_tensor(self):
+            return self.full
+
+    model = train_lm(nmfx.sparsify(_gpt2(), "1:8", "ste", total_steps=4), 1)
+    plain = model.state_dict()
+    sharded = dict(plain)
+    for name in nmfx.states(model):
+        for key in (name, f"{name}_nm.mask"):
+            sharded[key] = Shard(plain[key])
+    expected, got = effective_state_dict(model, plain), effective_state_dict(model, sharded)
+    for name in nmfx.states(model):
+        assert torch.equal(got[name], expected[name]) and torch.equal(got[f"{name}_nm.pruned"], expected[f"{name}_nm.pruned"])

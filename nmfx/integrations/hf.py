@@ -160,7 +160,8 @@ def effective_state_dict(model: nn.Module, state_dict: dict[str, Any]) -> dict[s
             raise ValueError(f"the state_dict to save holds {name} but not its nmfx mask and alpha; pass the "
                              "whole model.state_dict()")
         weight = _full(state_dict[name]).detach()
-        mask, alpha = state_dict[mask_key].to(weight.device), state_dict[alpha_key].to(weight.device)
+        # under FSDP2 the weight and its mask are DTensor shards: both are gathered (a collective: every rank)
+        mask, alpha = _full(state_dict[mask_key]).to(weight.device), state_dict[alpha_key].to(weight.device)
         out[name] = effective_weight(weight, mask, alpha)
         out[f"{name}{STATE_SUFFIX}.{PRUNED_KEY}"] = pruned_values(weight, mask)
     return out
