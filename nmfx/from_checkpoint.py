@@ -26,13 +26,12 @@ from torch import nn
 
 from nmfx.accessors import is_sparsified, states
 from nmfx.config import literal_glob
-from nmfx.inference import packed_layers, to_inference
+from nmfx.inference import packed_layers
 from nmfx.methods import resolve_method
 from nmfx.packed import pack_nm
 from nmfx.pattern import Pattern
 from nmfx.passes.lower_inference import INDICES_SUFFIX, VALUES_SUFFIX
-from nmfx.serialization import (_install, _materialize, _meta_tensors, _quiet, _restore_non_persistent,
-                                _staging_copy, _unique_tensors)
+from nmfx.serialization import _install, _unique_tensors, allocate_inference, rebuild_sparsified, refuse_unfilled
 from nmfx.state import STATE_SUFFIX, _decode_config, mask_problem
 
 __all__ = ["to_inference_from_checkpoint"]
@@ -89,19 +88,13 @@ def to_inference_from_checkpoint(checkpoint: Union[str, os.PathLike], model: nn.
                                tuple(params[w].shape), where) for w in weights}
     del small
 
-    staged, memo = _staging_copy(model)
-    _restore_non_persistent(staged, model)
-    with _quiet():
-        import nmfx
-
-        nmfx.sparsify(staged, {literal_glob(w): str(plan["pattern"]) for w, plan in plans.items()}, "ste",
-                      include=[literal_glob(w) for w in weights])
+    staged, memo = rebuild_sparsified(model, {literal_glob(w): str(plan["pattern"]) for w, plan in plans.items()},
+                                      weights)
     for w, state in states(staged).items():
         if state.dim != plans[w]["dim"]:
             raise ValueError(f"{where}: {w} was masked along dimension {plans[w]['dim']} in the run, but this model "
                              f"groups it along {state.dim}; nothing was changed: build the model the run trained")
-    to_inference(staged, backend=backend, inplace=True, dtype=dtype, _structure_only=True)
-    _materialize(staged)
+    allocate_inference(staged, backend, dtype)
     layers = {layer["weight"]: layer for layer in packed_layers(staged)}
     packed_names = {w + suffix for w in layers for suffix in (VALUES_SUFFIX, INDICES_SUFFIX)}
     dense = {name: t for name, t in _unique_tensors(staged).items() if name not in packed_names}
@@ -114,10 +107,7 @@ def to_inference_from_checkpoint(checkpoint: Union[str, os.PathLike], model: nn.
     dcp.load({prefix + name: tensor for name, tensor in dense.items()}, checkpoint_id=where)
     for w, layer in layers.items():
         _pack_layer(staged, w, layer, plans[w], stored, prefix, where)
-    left = _meta_tensors(staged)
-    if left:
-        raise ValueError(f"{where}: {left[0]} is still on the meta device after loading (nothing in the checkpoint "
-                         "fills it); nothing was changed")
+    refuse_unfilled(staged, where, "checkpoint")
     _install(model, staged.eval(), memo)
     return model
 

@@ -115,9 +115,8 @@ def load(path: Union[str, os.PathLike], model: nn.Module, backend: str = "auto")
     ``FileNotFoundError``, and then ``model`` is exactly as it was. See the module docstring for what is
     checked. Format-1 files, which have no checksums, load with a ``UserWarning``.
     """
-    import nmfx
     from nmfx.api import is_sparsified, states
-    from nmfx.inference import LOWERING_BACKENDS, check_backend_runs, packed_layers, to_inference
+    from nmfx.inference import LOWERING_BACKENDS, check_backend_runs, packed_layers
 
     where = os.fspath(path)
     if not isinstance(model, nn.Module):
@@ -138,16 +137,11 @@ def load(path: Union[str, os.PathLike], model: nn.Module, backend: str = "auto")
     # nothing), then only the inference model's tensors are allocated, on the CPU, and the result moved to
     # the model's device: the dense weights of the layers that are packed are never allocated.
     check_backend_runs({device}, backend)
-    staged, memo = _staging_copy(model)
-    _restore_non_persistent(staged, model)
     weights = [layer.weight for layer in header.layers]
     pattern = str(header.pattern) if header.pattern is not None else (
         {literal_glob(layer.weight): str(layer.pattern) for layer in header.layers} or "1:1")
-    with _quiet():
-        nmfx.sparsify(staged, pattern, "ste", include=[literal_glob(weight) for weight in weights] or ["<none>"])
-    to_inference(staged, backend=backend, inplace=True, _structure_only=True)
-    _materialize(staged)
-    staged.to("cpu")
+    staged, memo = rebuild_sparsified(model, pattern, weights)
+    allocate_inference(staged, backend)
     targets = _unique_tensors(staged)
     _check_fit(where, header, {layer["weight"]: layer for layer in packed_layers(staged)}, targets)
     with torch.no_grad():  # one file tensor in memory at a time, each checked before it is copied
@@ -156,11 +150,7 @@ def load(path: Union[str, os.PathLike], model: nn.Module, backend: str = "auto")
             if target.dtype != tensor.dtype:
                 target.data = torch.empty_like(target, dtype=tensor.dtype)
             target.copy_(tensor)
-    left = _meta_tensors(staged)
-    if left:
-        raise ValueError(f"{where}: {left[0]} is still on the meta device after loading (nothing in the file fills "
-                         "it); nothing was loaded: build the model on a real device or with "
-                         "accelerate.init_empty_weights()")
+    refuse_unfilled(staged, where, "file")
     if device.type != "cpu":
         staged.to(device)
     _install(model, staged.eval(), memo)
@@ -510,6 +500,39 @@ def _all_tensors(model: nn.Module):
     for module in model.modules():
         yield from (t for t in module._parameters.values() if t is not None)
         yield from (t for t in module._buffers.values() if t is not None)
+
+
+def rebuild_sparsified(model: nn.Module, pattern: Any, weights: list[str]) -> tuple[nn.Module, dict]:
+    """The first half of rebuilding an inference model from a fresh dense ``model`` (``nmfx.load``,
+    ``nmfx.to_inference_from_checkpoint``): a staging copy (parameters on meta, non-persistent buffers real)
+    sparsified with ``pattern`` on exactly ``weights``; nothing is computed, the masks are never needed.
+    Returns the copy and its deepcopy memo (for :func:`_install`)."""
+    import nmfx
+
+    staged, memo = _staging_copy(model)
+    _restore_non_persistent(staged, model)
+    with _quiet():
+        nmfx.sparsify(staged, pattern, "ste", include=[literal_glob(weight) for weight in weights] or ["<none>"])
+    return staged, memo
+
+
+def allocate_inference(staged: nn.Module, backend: str, dtype: Optional[torch.dtype] = None) -> None:
+    """The second half: lower ``staged`` structure-only (on meta: nothing is packed) and allocate the inference
+    model's own tensors, uninitialised, on the CPU; the dense weights of the packed layers never are."""
+    from nmfx.inference import to_inference
+
+    to_inference(staged, backend=backend, inplace=True, dtype=dtype, _structure_only=True)
+    _materialize(staged)
+    staged.to("cpu")
+
+
+def refuse_unfilled(staged: nn.Module, where: str, source: str) -> None:
+    """ValueError naming the first tensor of the rebuilt ``staged`` that nothing in ``source`` filled."""
+    left = _meta_tensors(staged)
+    if left:
+        raise ValueError(f"{where}: {left[0]} is still on the meta device after loading (nothing in the {source} fills "
+                         "it); nothing was loaded: build the model on a real device or with "
+                         "accelerate.init_empty_weights()")
 
 
 def _staging_copy(model: nn.Module) -> tuple[nn.Module, dict]:
