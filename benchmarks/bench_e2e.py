@@ -147,13 +147,8 @@ def build(config_name: str, config_kwargs: dict, pattern: str, seed: int = 0):
 _LOAD_AND_MEASURE = r"""
 import gc, json, sys, torch, transformers
 import nmfx
+from nmfx.bench import process_memory
 from nmfx.kernels import cpu
-
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field + " not in /proc/self/status")
 
 side, path, config_name, kwargs, dtype = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
 transformers.logging.set_verbosity_error()
@@ -162,7 +157,7 @@ with torch.device("meta"):  # imports the architecture's modules before the base
     transformers.AutoModelForCausalLM.from_config(config)
 cpu.load(build=False)
 gc.collect()
-base = status("VmRSS")
+base = process_memory()["rss_bytes"]
 if side == "plain":  # what a user runs: transformers' own loading (meta init, then the checkpoint)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
 else:
@@ -172,7 +167,7 @@ else:
 with torch.no_grad():  # a forward touches every weight (transformers may map the checkpoint lazily)
     assert torch.isfinite(model.eval()(torch.zeros(1, 4, dtype=torch.long)).logits).all()
 gc.collect()
-print(json.dumps({"rss_bytes": status("VmRSS") - base, "peak_bytes": status("VmHWM") - base}))
+print(json.dumps({key: value - base for key, value in process_memory().items()}))
 """
 
 

@@ -25,16 +25,12 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_from_checkpoint.j
 
 _CHILD = r"""
 import gc, json, sys, torch, transformers, nmfx
+from nmfx.bench import process_memory
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 transformers.logging.set_verbosity_error()
 mode, tmp, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 config = transformers.LlamaConfig(**kwargs)
-
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
 
 if mode == "save":
     torch.manual_seed(0)
@@ -47,10 +43,11 @@ else:
     with torch.device("meta"):
         fresh = transformers.AutoModelForCausalLM.from_config(config)
     gc.collect()
-    base = status("VmRSS")
+    base = process_memory()["rss_bytes"]
     nmfx.to_inference_from_checkpoint(tmp + "/ckpt", fresh, backend="reference")
     gc.collect()
-    out = {"rss_growth_bytes": status("VmRSS") - base, "peak_growth_bytes": status("VmHWM") - base}
+    now = process_memory()
+    out = {"rss_growth_bytes": now["rss_bytes"] - base, "peak_growth_bytes": now["peak_bytes"] - base}
     state = fresh.state_dict()
     out["inference_bytes"] = sum(t.numel() * t.element_size() for t in {id(t): t for t in state.values()}.values())
     expected = torch.load(tmp + "/expected.pt")

@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nmfx  # noqa: E402
-from nmfx.bench import machine_info  # noqa: E402
+from nmfx.bench import machine_info, process_memory  # noqa: E402
 from benchmarks.accuracy import LMTask, lr_factor  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -112,22 +112,19 @@ def calibration(task: LMTask, windows: int, batch: int, seed: int) -> list[torch
 
 
 def _reset_peak() -> Optional[int]:
+    """Reset the process's peak RSS to its current RSS (``clear_refs``); the RSS in KiB, or None if not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return _status_kib("VmRSS")
     except OSError:
         return None
+    memory = process_memory()
+    return None if memory is None else memory["rss_bytes"] // 1024
 
 
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+def _peak_kib() -> Optional[int]:
+    memory = process_memory()
+    return None if memory is None else memory["peak_bytes"] // 1024
 
 
 def fresh_copy(task: LMTask, dense: torch.nn.Module) -> torch.nn.Module:
@@ -155,7 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 start = time.perf_counter()
                 nmfx.prune(model, pattern, batches, criterion)
                 seconds = time.perf_counter() - start
-                peak = _status_kib("VmHWM") if before is not None else None
+                peak = _peak_kib() if before is not None else None
                 run_record = {"seed": seed, "prune_seconds": round(seconds, 3),
                               "prune_peak_extra_mib": None if peak is None else round((peak - before) / 1024, 1),
                               "ppl_pruned": task.evaluate(model), "pruned_layers": len(nmfx.states(model))}
@@ -215,7 +212,7 @@ def wide_layer_costs(args: argparse.Namespace) -> list[dict[str, Any]]:
         start = time.perf_counter()
         nmfx.prune(model, "2:4", batches, criterion, include=["up", "down"])
         seconds = time.perf_counter() - start
-        peak = _status_kib("VmHWM") if before is not None else None
+        peak = _peak_kib() if before is not None else None
         rows.append({"criterion": criterion, "pattern": "2:4", "layers": "768x3072 + 3072x768", "tokens": 2048,
                      "prune_seconds": round(seconds, 2),
                      "prune_peak_extra_mib": None if peak is None else round((peak - before) / 1024, 1)})

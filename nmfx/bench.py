@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["machine_info", "describe", "wait_quiet", "timeit", "time_interleaved", "layer_rows", "format_layer_row", "LAYER_HEADER"]
+__all__ = ["machine_info", "process_memory", "describe", "wait_quiet", "timeit", "time_interleaved", "layer_rows", "format_layer_row", "LAYER_HEADER"]
 
 _SIMD_PREFIXES = ("avx", "fma", "f16c", "amx", "sse4")
 
@@ -36,6 +36,17 @@ def machine_info() -> dict:
         pass
     info["loadavg"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return info
+
+
+def process_memory() -> Optional[dict]:
+    """This process's resident memory now and its peak, in bytes (``{"rss_bytes", "peak_bytes"}``: ``VmRSS`` and
+    ``VmHWM`` of /proc/self/status); None where that file cannot be read."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if line.startswith(("VmRSS:", "VmHWM:")))
+        return {"rss_bytes": int(fields["VmRSS"].split()[0]) * 1024, "peak_bytes": int(fields["VmHWM"].split()[0]) * 1024}
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def describe(info: dict) -> str:
