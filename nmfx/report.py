@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import networkx as nx
 from torch import fx, nn
@@ -114,8 +114,10 @@ def report(model: nn.Module) -> Report:
     rows = []
     for row in found.rows:
         if row.name in lowered:  # packed by to_inference: what lowering did, read from the model now
-            kind, reason = lowered[row.name]
-            row = dataclasses.replace(row, op=kind, status="packed", reason=reason(row.reason))
+            kind, reason, note = lowered[row.name]
+            if reason is None:
+                reason = f"{row.reason}; {note}" if note else row.reason
+            row = dataclasses.replace(row, op=kind, status="packed", reason=reason)
         mask = current.get(row.name) if row.name not in pending else None
         density = float(mask.float().mean()) if mask is not None and row.status == "sparsified" else None
         if row.status == "packed":
@@ -129,20 +131,20 @@ def report(model: nn.Module) -> Report:
     return Report(rows, header, dead_hooks(model))
 
 
-def _lowered(model: nn.Module) -> dict[str, tuple[str, Callable[[str], str]]]:
-    """``{weight: (kind, recorded reason -> reason)}`` of every packed layer of an inference model: from the
-    annotations of its graphs (their reason includes lowering's), else from the ``NMLinear`` itself (the
-    recorded reason followed by the layer's note)."""
-    out: dict[str, tuple[str, Callable[[str], str]]] = {}
+def _lowered(model: nn.Module) -> dict[str, tuple[str, Optional[str], str]]:
+    """``{weight: (kind, reason, note)}`` of every packed layer of an inference model: from the annotations of
+    its graphs (whose reason includes lowering's; no note), else from the ``NMLinear`` itself (reason None: the
+    recorded one stands, followed by the layer's note)."""
+    out: dict[str, tuple[str, Optional[str], str]] = {}
     for gm in graphs(model).values():
         for node in gm.graph.nodes:
             op = node.meta.get(META_KEY)
             if op is not None and op.status == "packed":
-                out[op.weight] = (op.kind, lambda recorded, reason=op.reason: reason)
+                out[op.weight] = (op.kind, op.reason, "")
     for name, module in model.named_modules():
         weight = f"{name}.weight" if name else "weight"
         if isinstance(module, NMLinear) and weight not in out:
-            out[weight] = (module.kind, lambda recorded, note=module.note: f"{recorded}; {note}" if note else recorded)
+            out[weight] = (module.kind, None, module.note)
     return out
 
 
