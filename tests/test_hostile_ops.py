@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from nmfx.inference_ops import first_invalid_position, nm_linear, nm_linear_reference
 from nmfx.kernels import cpu
 from nmfx.packed import index_bits, pack_positions, unpack_positions
+from tests.nm_cases import fp64_tolerance
 
 _ISAS = ["scalar", "avx2", "avx512", "avx512bf16"]
 
@@ -229,5 +230,4 @@ def child_random_index_bytes_match_the_reference_or_are_refused(nm, byte_layout,
     exact = F.linear(x.double(), w)
     w_abs = torch.zeros_like(w).scatter_add_(1, cols, values.double().abs())
     scale = F.linear(x.double().abs(), w_abs)
-    eps = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
-    assert bool(((y.double() - exact).abs() <= (2 * eps + kept * 2.0**-23) * scale + 1e-30).all())
+    assert bool(((y.double() - exact).abs() <= fp64_tolerance(dtype, kept, scale)).all())

@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 import nmfx
 import nmfx.kernels.cpu as cpu
 from nmfx.inference_ops import nm_linear, nm_linear_packed, nm_linear_reference
+from tests.nm_cases import UNIT_ROUNDOFF, fp64_tolerance
 from tests.nm_cases import random_case as _case
 
 PATTERNS = ["1:2", "2:4", "1:4", "2:8", "1:8", "3:8", "1:16", "1:32", "1:3", "2:6"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
 @pytest.fixture(scope="session")
@@ -36,11 +36,11 @@ def cpu_kernel():
 
 
 def _assert_matches_fp64(y, x, packed, b):
-    """|y - exact| <= (eps(dtype) + K * eps(fp32)) * (|x| @ |W|^T + |b|), elementwise (+ a tiny floor)."""
+    """|y - exact| <= fp64_tolerance (see tests/nm_cases.py), elementwise."""
     w = packed.unpack().double()
     exact = F.linear(x.double(), w, None if b is None else b.double())
     scale = F.linear(x.double().abs(), w.abs(), None if b is None else b.double().abs())
-    tol = (2 * EPS[y.dtype] + packed.kept_per_row * 2.0**-23) * scale + 1e-30
+    tol = fp64_tolerance(y.dtype, packed.kept_per_row, scale)
     err = (y.double() - exact).abs()
     assert y.shape == exact.shape and y.dtype == x.dtype
     assert bool((err <= tol).all()), f"max err {err.max().item()} vs tol {tol.flatten()[err.argmax()].item()}"
@@ -414,12 +414,12 @@ def test_lesser_isa_builds_match_the_reference(isa):
         from nmfx.kernels import cpu
         from nmfx.packed import pack_nm
         from nmfx.pattern import Pattern
+        from tests.nm_cases import UNIT_ROUNDOFF, fp64_tolerance
         assert cpu.isa() == ISA and cpu.available(), cpu.build_error()
-        eps = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
         g = torch.Generator().manual_seed(0)
         for pattern in ("1:8", "2:4", "1:16", "2:32", "1:32", "3:8"):
             p = Pattern.parse(pattern)
-            for dtype in eps:
+            for dtype in UNIT_ROUNDOFF:
                 w, bias = torch.randn(21, 37 * p.m, generator=g).to(dtype), torch.randn(21, generator=g).to(dtype)
                 packed = pack_nm(w, p)
                 exact_w = packed.unpack().double()
@@ -427,7 +427,7 @@ def test_lesser_isa_builds_match_the_reference(isa):
                     x = torch.randn(batch, 37 * p.m, generator=g).to(dtype)
                     exact = F.linear(x.double(), exact_w, bias.double())
                     scale = F.linear(x.double().abs(), exact_w.abs(), bias.double().abs())
-                    tol = (2 * eps[dtype] + packed.kept_per_row * 2.0**-23) * scale + 1e-30
+                    tol = fp64_tolerance(dtype, packed.kept_per_row, scale)
                     for path in (0, 1, 2):
                         y = cpu.nm_linear(x, packed.values, packed.indices, bias, p.n, p.m, packed.index_bits, path)
                         err = (y.double() - exact).abs()
@@ -435,7 +435,8 @@ def test_lesser_isa_builds_match_the_reference(isa):
         print("ok")
     """).replace("ISA", repr(isa))
     env = {**os.environ, "NMFX_CPU_ISA": isa}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0 and "ok" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
 
 

@@ -29,11 +29,12 @@ from nmfx.inference_ops import nm_linear_reference  # noqa: E402
 from nmfx.kernels import triton_nm  # noqa: E402
 from nmfx.kernels.triton_nm import nm_linear_triton  # noqa: E402
 from nmfx.packed import pack_positions  # noqa: E402
+from tests.nm_cases import UNIT_ROUNDOFF, fp64_tolerance  # noqa: E402
 from tests.nm_cases import random_case as _case  # noqa: E402
 
 PATTERNS = ["2:4", "1:4", "2:8", "1:8", "1:16", "1:32", "3:8"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+EPS = UNIT_ROUNDOFF
 #: This process imported triton with TRITON_INTERPRET=1, so interpreted kernels run here.
 IN_INTERPRETER = triton_nm.interpreting() and triton_nm.available()
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or IN_INTERPRETER, reason="needs CUDA (compiled kernels)")
@@ -66,7 +67,7 @@ def _assert_matches(y, x, packed, b, idx=None, bits=None):
     bd = None if b is None else b.double()
     exact = F.linear(x.double(), w, bd)
     scale = F.linear(x.double().abs(), w.abs(), None if b is None else bd.abs())
-    tol = (2 * EPS[y.dtype] + packed.kept_per_row * 2.0**-23) * scale + 1e-30
+    tol = fp64_tolerance(y.dtype, packed.kept_per_row, scale)
     err = (y.double() - exact).abs()
     assert y.shape == exact.shape and y.dtype == x.dtype and y.device == x.device
     assert bool((err <= tol).all()), f"max err {err.max().item()} vs tol {tol.flatten()[err.argmax()].item()}"
