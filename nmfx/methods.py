@@ -16,6 +16,7 @@ ste       W * m                       g (straight-through)              none
 srste     W * m                       g + lambda * (1 - m) * W          none (Zhou et al. 2021)
 mdgf      W * (m + alpha (1 - m))     g, or g * (m + alpha (1 - m))     alpha decays 1 -> 0
 sdgf      W * m_t (N_t:M_t mask)      g (straight-through)              N_t:M_t steps to the target
+                                                                      (``decay=``: and alpha, as mdgf)
 gmp       W * m_t (k_t:M mask)        g * m_t (pruned get none)         k_t: M -> N, cubic (Zhu & Gupta)
 ========  ==========================  ================================  =============================
 
@@ -242,7 +243,7 @@ class MDGF(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_choice("decay", self.decay, ("linear", "exponential"))
+        _check_choice("decay", self.decay, _DECAYS)
         _check_choice("gradient", self.gradient, ("straight_through", "exact"))
         if self.decay_coef is not None:
             _check_number("decay_coef", self.decay_coef, minimum=0.0, strict=True)
@@ -250,20 +251,10 @@ class MDGF(Method):
     @property
     def coef(self) -> float:
         """The decay coefficient in use (given, fitted to total_steps, or the official 2e-4)."""
-        if self.decay_coef is not None:
-            return float(self.decay_coef)
-        length = self._sparse_len
-        if not length:
-            return 2e-4
-        decay_steps = max(1.0, _DECAY_FRACTION * length)
-        return 1.0 / decay_steps if self.decay == "linear" else _EXP_DECAY_END_EXPONENT / decay_steps
+        return _decay_coef(self.decay, self.decay_coef, self._sparse_len)
 
     def _alpha(self, sparse_step: int) -> float:
-        if self.decay == "linear":
-            return max(0.0, 1.0 - self.coef * sparse_step)
-        if self.decay_coef is None and self._sparse_len and sparse_step >= _DECAY_FRACTION * self._sparse_len:
-            return 0.0  # the fitted exponential hands over to the hard mask where linear reaches 0
-        return math.exp(-self.coef * sparse_step)
+        return _decayed_alpha(self.decay, self.decay_coef, self._sparse_len, sparse_step)
 
     @property
     def exact_gradient(self) -> bool:
@@ -289,11 +280,19 @@ class SDGF(Method):
             wider than 128. ``depth=3`` is the official code's (always 4 stages: 1:32 runs
             8:256 -> 4:128 -> 2:64 -> 1:32, 2:4 runs 16:32 -> 8:16 -> 4:8 -> 2:4); every stage's M must then
             divide the layer's input width.
+        decay: combine with MDGF's mask decay, as the official code allows (its ``structure_decay_flag``
+            with a ``decay_type``): ``None`` (default, plain SDGF), ``"linear"`` or ``"exponential"``.
+            The forward is then ``W * (m_t + alpha_t (1 - m_t))`` with the stage's ``N_t:M_t`` mask
+            ``m_t`` and MDGF's ``alpha_t`` on one clock from the start of the sparse phase (not restarted
+            per stage); the gradient stays straight-through.
+        decay_coef: MDGF's ``decay_coef`` for ``decay`` (default: fitted as MDGF's).
     """
 
     schedule: Union[str, Sequence[PatternLike]] = "stepwise"
     stage_steps: Optional[int] = None
     depth: Optional[int] = None
+    decay: Optional[str] = None
+    decay_coef: Optional[float] = None
     name: ClassVar[str] = "sdgf"
 
     def __post_init__(self) -> None:
@@ -315,6 +314,13 @@ class SDGF(Method):
             if self.total_steps is not None:
                 raise ValueError("sdgf: give total_steps (stages split the run) or stage_steps (fixed stage "
                                  "length), not both")
+        if self.decay is not None:
+            _check_choice("decay", self.decay, _DECAYS)
+        if self.decay_coef is not None:
+            if self.decay is None:
+                raise ValueError(f"sdgf: decay_coef={self.decay_coef!r} needs decay='linear' or 'exponential' "
+                                 "(the mask decay it sets the rate of)")
+            _check_number("decay_coef", self.decay_coef, minimum=0.0, strict=True)
 
     def patterns(self, target: PatternLike) -> tuple[Pattern, ...]:
         target = Pattern.parse(target)
@@ -343,6 +349,11 @@ class SDGF(Method):
         if self.schedule == "geometric":
             return tuple(Pattern(n << j, m << j) for j in range(depth, 0, -1)) + (target,)
         return tuple(Pattern(n, m << j) for j in range(depth, 0, -1)) + (target,)
+
+    def _alpha(self, sparse_step: int) -> float:
+        if self.decay is None:
+            return 0.0
+        return _decayed_alpha(self.decay, self.decay_coef, self._sparse_len, sparse_step)
 
     def _sparse_pattern(self, sparse_step: int, target: Pattern) -> Pattern:
         stages = self.patterns(target)
@@ -444,6 +455,30 @@ def resolve_method(method: Union[str, Method, Mapping[str, Any]] = "sdgf", **opt
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for method {cls.name!r}; "
                          f"valid options: {', '.join(valid)}")
     return dataclasses.replace(base, **options) if base is not None else cls(**options)
+
+
+_DECAYS = ("linear", "exponential")
+
+
+def _decay_coef(decay: str, given: float | None, sparse_len: int | None) -> float:
+    """MDGF's decay coefficient: ``given``, else fitted to :data:`_DECAY_FRACTION` of the sparse phase,
+    else (open-ended run) the official 2e-4."""
+    if given is not None:
+        return float(given)
+    if not sparse_len:
+        return 2e-4
+    decay_steps = max(1.0, _DECAY_FRACTION * sparse_len)
+    return 1.0 / decay_steps if decay == "linear" else _EXP_DECAY_END_EXPONENT / decay_steps
+
+
+def _decayed_alpha(decay: str, given: float | None, sparse_len: int | None, sparse_step: int) -> float:
+    """MDGF's alpha ``sparse_step`` optimizer steps into the sparse phase."""
+    coef = _decay_coef(decay, given, sparse_len)
+    if decay == "linear":
+        return max(0.0, 1.0 - coef * sparse_step)
+    if given is None and sparse_len and sparse_step >= _DECAY_FRACTION * sparse_len:
+        return 0.0  # the fitted exponential hands over to the hard mask where linear reaches 0
+    return math.exp(-coef * sparse_step)
 
 
 def _resolve_steps(value: Union[int, float], total: int | None) -> int:

@@ -43,6 +43,8 @@ def test_unknown_option_lists_valid():
     {"method": "gmp", "ramp_steps": 0}, {"method": "gmp", "ramp_steps": 0.5},
     {"method": "gmp", "total_steps": 10, "ramp_steps": 1.5}, {"method": "gmp", "total_steps": 10, "ramp_steps": 0.0},
     {"method": "gmp", "total_steps": 10, "dense_steps": 4, "ramp_steps": 7}, {"method": "gmp", "ramp_steps": True},
+    {"method": "sdgf", "decay": "cosine"}, {"method": "sdgf", "decay_coef": 1e-3},
+    {"method": "sdgf", "decay": "linear", "decay_coef": 0.0},
 ])
 def test_invalid_configs(kwargs):
     with pytest.raises(ValueError):
@@ -52,7 +54,8 @@ def test_invalid_configs(kwargs):
 @pytest.mark.parametrize("method", [Dense(), STE(total_steps=9), SRSTE(srste_lambda=1e-3), MDGF(total_steps=50, decay="exponential"),
                                     SDGF(total_steps=100, schedule=["4:8", "2:8", "1:8"], dense_steps=0.1),
                                     GMP(total_steps=100, ramp_steps=0.3, dense_steps=10), GMP(ramp_steps=40),
-                                    SDGF(total_steps=40, schedule="geometric", depth=3)])
+                                    SDGF(total_steps=40, schedule="geometric", depth=3),
+                                    SDGF(total_steps=40, decay="exponential", decay_coef=0.1)])
 def test_json_round_trip(method):
     data = json.loads(json.dumps(method.to_dict()))
     assert data["version"] == 1 and data["method"] == method.name
@@ -170,7 +173,7 @@ def test_sdgf_explicit_list_must_end_at_target():
 @given(st.sampled_from(list(METHODS)), st.integers(1, 500), st.floats(0, 0.4), st.floats(0, 0.4), st.integers(0, 600),
        st.sampled_from(["2:4", "1:8", "1:16", "1:32"]))
 def test_every_method_ends_hard_at_target(name, total, dense, fine, extra, target):
-    options = {"decay": "exponential"} if name == "mdgf" and extra % 2 else {}
+    options = {"decay": ("linear", "exponential")[extra % 2]} if name in ("mdgf", "sdgf") and extra % 3 else {}
     method = resolve_method(name, total_steps=total, dense_steps=dense, fine_tune_steps=fine, **options)
     end = method.state_at(total + extra, target)
     assert str(end.pattern) == target
@@ -179,6 +182,39 @@ def test_every_method_ends_hard_at_target(name, total, dense, fine, extra, targe
         s = method.state_at(step, target)
         assert 0.0 <= s.alpha <= 1.0
         assert s.pattern.density >= nmfx.Pattern.parse(target).density
+
+
+@pytest.mark.parametrize("decay", ["linear", "exponential"])
+def test_sdgf_with_mask_decay_runs_mdgf_alpha_on_the_stage_masks(decay):
+    # the official code's structure_decay_flag + decay_type: stage patterns as SDGF, alpha as MDGF of the
+    # same run, on one clock from the start of the sparse phase
+    combined = SDGF(total_steps=200, dense_steps=40, decay=decay)
+    sdgf, mdgf = SDGF(total_steps=200, dense_steps=40), MDGF(total_steps=200, dense_steps=40, decay=decay)
+    for step in range(0, 220, 7):
+        state = combined.state_at(step, "1:8")
+        assert state.pattern == sdgf.state_at(step, "1:8").pattern
+        assert state.alpha == mdgf.state_at(step, "1:8").alpha
+        assert state.srste_lambda == 0.0
+    assert combined.state_at(40, "1:8").alpha == 1.0 and str(combined.state_at(40, "1:8").pattern) == "7:8"
+    assert 0.0 < combined.state_at(100, "1:8").alpha < 1.0  # mid-decay across a stage change (4:8 from 80)
+    assert SDGF(total_steps=200).state_at(50, "1:8").alpha == 0.0  # plain SDGF: hard stage masks
+    assert SDGF(decay="linear", decay_coef=1e-2).state_at(50, "1:8").alpha == pytest.approx(0.5)
+
+
+def test_sdgf_with_mask_decay_trains_on_the_decayed_stage_mask():
+    torch.manual_seed(0)
+    model = nmfx.sparsify(nn.Sequential(nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 4)), "1:8", "sdgf", total_steps=8,
+                          decay="linear")
+    for _ in range(3):
+        nmfx.step(model)
+    state = nmfx.resolve_method("sdgf", total_steps=8, decay="linear").state_at(3, "1:8")
+    assert 0.0 < state.alpha < 1.0 and str(state.pattern) == "4:8"
+    mask = nmfx.masks(model)["0.weight"]
+    assert torch.equal(mask.view(-1, 8).sum(-1), torch.full((16 * 4,), 4))  # the stage's 4:8 mask
+    weight, bias = model[0].weight.detach(), model[0].bias.detach()
+    x = torch.randn(5, 32)
+    expected = x @ (weight * (mask + state.alpha * ~mask)).T + bias
+    torch.testing.assert_close(model(x), nn.functional.gelu(expected) @ model[2].weight.T + model[2].bias)
 
 
 # -- gradual magnitude pruning -------------------------------------------------------------------
