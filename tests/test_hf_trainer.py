@@ -99,17 +99,57 @@ def test_trainer_resume_is_bit_exact(tmp_path):
         assert torch.equal(value, expected[key]), key
 
 
-def test_save_only_model_checkpoint_restores_the_sparsified_model(tmp_path):
+@pytest.fixture(scope="module")
+def save_only_run(tmp_path_factory):
+    """A sparsified model trained 3 steps by a Trainer with save_only_model=True, and its checkpoint."""
+    out = tmp_path_factory.mktemp("save_only")
+    model = _sparse_gpt2(seed=0)
+    _lm_trainer(model, out, max_steps=3, save_only_model=True).train()
+    checkpoint = out / "checkpoint-3"
+    assert not (checkpoint / "optimizer.pt").exists()
+    return model, checkpoint
+
+
+def test_save_only_model_checkpoint_restores_the_sparsified_model(save_only_run):
     """save_only_model=True writes no optimizer / RNG state (transformers: such checkpoints are for
     from_pretrained, not for resuming); nmfx.integrations.hf.from_pretrained restores the model exactly."""
     from nmfx.integrations.hf import from_pretrained
 
-    model = _sparse_gpt2(seed=0)
-    _lm_trainer(model, tmp_path, max_steps=3, save_only_model=True).train()
-    checkpoint = tmp_path / "checkpoint-3"
-    assert not (checkpoint / "optimizer.pt").exists()
+    model, checkpoint = save_only_run
     restored = from_pretrained(transformers.GPT2LMHeadModel, checkpoint)
     expected = model.state_dict()
     assert all(int(s.step) == 3 for s in nmfx.states(restored).values())
     for key, value in restored.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_save_only_model_resume_continues_the_nmfx_state(save_only_run, tmp_path):
+    """Resuming from a save_only_model checkpoint restarts the optimizer (transformers), but the weights and the
+    nmfx schedule come from the checkpoint: the schedules end at step 8, not at the 5 steps this run takes."""
+    model, checkpoint = save_only_run
+    resumed = _sparse_gpt2(seed=1)
+    trainer = _lm_trainer(resumed, tmp_path, save_strategy="no")
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 8
+    states = nmfx.states(resumed)
+    assert states and all(int(s.step) == 8 for s in states.values())
+    for name, state in states.items():
+        assert torch.equal(state.mask, nmfx.nm_mask(resumed.get_parameter(name), state.schedule.pattern, dim=state.dim))
+
+
+def test_callback_refuses_a_model_nmfx_did_not_sparsify(save_only_run, tmp_path):
+    """Resuming an nmfx checkpoint into a model that was not sparsified used to train dense silently (the
+    effective weights load, the nmfx state is dropped, the callback steps nothing): now the callback refuses,
+    naming the fix, and the fix (sparsify first) resumes."""
+    _, checkpoint = save_only_run
+    torch.manual_seed(1)
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
+                                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    dense = transformers.GPT2LMHeadModel(config).double()
+    trainer = _lm_trainer(dense, tmp_path / "dense", save_strategy="no")
+    with pytest.raises(ValueError, match=r"no nmfx-sparsified weights.*Call nmfx\.sparsify\(model"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 3  # refused before any training step
+    nmfx.sparsify(dense, "1:8", "sdgf", total_steps=8)  # the advice: sparsify as the run that wrote it, resume
+    _lm_trainer(dense, tmp_path / "sparse", save_strategy="no").train(resume_from_checkpoint=str(checkpoint))
+    assert all(int(s.step) == 8 for s in nmfx.states(dense).values())

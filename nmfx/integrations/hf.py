@@ -11,7 +11,8 @@ nmfx-sparsified ``transformers`` models.
 
 ``nmfx.step(model)`` runs right after each optimizer step (``on_optimizer_step``: after gradient
 accumulation, before the gradients are zeroed, so the gradient-norm diagnostics are available); at
-logging steps the stats are merged into the Trainer's logs and ``state.log_history``.
+logging steps the stats are merged into the Trainer's logs and ``state.log_history``. A model without nmfx
+state is refused when training begins (it would train dense: sparsify it first, also before resuming).
 
 Checkpoints. ``nmfx.sparsify`` gives a ``transformers`` model a ``save_pretrained`` (an instance
 attribute; the class is unchanged) that writes
@@ -72,6 +73,18 @@ class NMSparsityCallback(TrainerCallback):
         callback = cls(**kwargs)
         trainer.callback_handler.callbacks.insert(0, callback)
         return callback
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """Refuse a model nmfx did not sparsify: the callback would step nothing and the run would train dense
+        (a resumed nmfx checkpoint then loads only its effective weights, its nmfx state dropped)."""
+        if model is None:
+            raise ValueError("NMSparsityCallback needs the model in the callback arguments")
+        if not nmfx.states(model):
+            raise ValueError(f"NMSparsityCallback: the Trainer's {type(model).__name__} has no nmfx-sparsified weights, "
+                             "so nothing would be sparsified and the run would train dense. Call nmfx.sparsify(model, "
+                             "pattern, method, ...) before creating the Trainer; to resume a run "
+                             "(resume_from_checkpoint), sparsify the freshly built model with the same arguments as "
+                             "the run that wrote the checkpoint")
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is None:
