@@ -150,6 +150,8 @@ MDGF_DECAY_FRACTION = 0.5
 #: recipe fine-tunes it for this fraction of them at :data:`FINETUNE_LR` (warm-up + cosine as every run).
 FINETUNE_FRACTION = 0.5
 FINETUNE_LR = 1e-3
+#: Upper bound on an iso-FLOPs run's length, in multiples of the study's steps.
+ISO_MAX_FACTOR = 8
 #: The learning-rate sweep (tier 6) around the task's lr (3e-3), at :data:`ABLATION_PATTERN`.
 LR_SWEEP = (1e-3, 1e-2)
 
@@ -165,6 +167,9 @@ class Arm:
     patterns: Optional[tuple[str, ...]] = None  # None: every pattern of the configuration
     lr: Optional[float] = None  # None: the task's lr
     init: Optional[str] = None  # "dense-pretrain": fine-tune the cached dense model of the same seed
+    #: (method, options): train for as many steps as that recipe's training FLOPs at the study's steps (the
+    #: paper's iso-FLOPs direction: the cheaper baseline gets more steps)
+    flops_of: Optional[tuple[str, dict]] = None
 
 
 def design_arms(steps: int, ablation: str = ABLATION_PATTERN, extra: str = "1:32") -> list[Arm]:
@@ -173,7 +178,10 @@ def design_arms(steps: int, ablation: str = ABLATION_PATTERN, extra: str = "1:32
     1 the core comparison and its confound control; 2 the gradual-magnitude-pruning baseline; 3 ablations at
     ``ablation`` (the other way to match the dense time; MDGF's decay fraction); 4 dense-pretrain -> sparse
     fine-tune at ``ablation``; 5 the STE controls; 6 a learning-rate sweep of SR-STE and MDGF-linear at
-    ``ablation``; 7 tiers 1-2 at ``extra`` (1:32); 8 the other decay recipes. The matched warm-ups:
+    ``ablation``; 7 tiers 1-2 at ``extra`` (1:32); 8 the other decay recipes; 9 the paper's iso-FLOPs
+    direction (SR-STE trained for more steps, to MDGF-linear's training FLOPs); 10 SDGF stepwise combined with
+    MDGF-linear's mask decay. (Tiers 7-10 were added after tiers 1-6 were analysed; their comparisons were
+    fixed before their runs.) The matched warm-ups:
 
     * ``warmup50``: ``dense_steps = 0.5 * steps``, the steps at which MDGF-linear (default) still has
       alpha > 0 -- equal steps with the pruned weights in the forward, equal training FLOPs (paper counting),
@@ -202,10 +210,13 @@ def design_arms(steps: int, ablation: str = ABLATION_PATTERN, extra: str = "1:32
               ("sdgf", "stepwise", {"schedule": "stepwise"}), ("gmp", None, {})]]
     arms += [Arm(6, m, v, o, at, lr) for lr in LR_SWEEP for m, v, o in core if v != "warmup50" and m != "sdgf"]
     arms += [Arm(7, m, v, o, (extra,)) for m, v, o in core] + [Arm(7, "gmp", None, {}, (extra,))]
+    arms += [Arm(9, "srste", "iso-mdgf", {}, flops_of=("mdgf", {"decay": "linear"})),
+             Arm(10, "sdgf", "stepwise+mdgf", {"schedule": "stepwise", "decay": "linear"})]
     return arms
 
 
-def plan_design(config: StudyConfig, tasks: dict[str, Any], tiers: tuple[int, ...]) -> list[RunSpec]:
+def plan_design(config: StudyConfig, tasks: dict[str, Any], fwds: dict[str, tuple],
+                tiers: tuple[int, ...]) -> list[RunSpec]:
     """The controlled study's runs, tier by tier, seed by seed (a run cut short leaves balanced cells)."""
     specs: list[RunSpec] = []
     ablation = ABLATION_PATTERN if ABLATION_PATTERN in config.patterns else config.patterns[-1]
@@ -219,9 +230,16 @@ def plan_design(config: StudyConfig, tasks: dict[str, Any], tiers: tuple[int, ..
                 for arm in arms:
                     run_steps = round(FINETUNE_FRACTION * steps) if arm.init else steps
                     for pattern in arm.patterns or config.patterns:
+                        budget, flops_budget = "steps", None
+                        if arm.flops_of is not None:
+                            budget, flops_budget = "flops", predicted_flops(fwds[name], arm.flops_of[0],
+                                                                            arm.flops_of[1], pattern, steps)
+                            run_steps = iso_steps(fwds[name], arm.method, arm.options, pattern, flops_budget,
+                                                  ISO_MAX_FACTOR * steps)
                         specs.append(RunSpec(name, arm.method, arm.variant, dict(arm.options),
                                              None if arm.method == "dense" else pattern, seed, run_steps,
-                                             lr=arm.lr, init=arm.init, config=config.name))
+                                             budget, flops_budget, lr=arm.lr, init=arm.init, config=config.name,
+                                             nominal_steps=steps))
     return specs
 
 
@@ -429,6 +447,7 @@ class RunSpec:
     lr: Optional[float] = None  # None: the task's lr
     init: Optional[str] = None  # None: from scratch; "dense-pretrain": from the cached dense model of this seed
     config: str = ""  # the study configuration that planned the run (recorded; design runs say "design")
+    nominal_steps: Optional[int] = None  # design: the setting's step budget (an iso-FLOPs run trains longer)
 
     @property
     def key(self) -> str:
@@ -540,6 +559,7 @@ def run_one(spec: RunSpec, task, fwd, diag_points: int = 100, curve_points: int 
         "options": spec.options, "sparsified": len(sparsified),
         "model": {k_: v for k_, v in c.items() if k_ in ("dim", "depth", "heads", "context")},
         "batch": c["batch"], "lr": lr, "data": task.info, "init": spec.init, "init_metric": init_metric,
+        "nominal_steps": spec.nominal_steps if spec.nominal_steps is not None else spec.steps,
     }
 
 
@@ -732,6 +752,7 @@ DESIGN_ROWS = (
     ("srste", None, "SR-STE"),
     ("srste", "warmup50", "SR-STE + dense warm-up 50 % (MDGF-linear's alpha > 0 time; equal FLOPs)"),
     ("srste", "warmup25", "SR-STE + dense warm-up 25 % (= sum of MDGF-linear's alpha)"),
+    ("srste", "iso-mdgf", "SR-STE trained longer, to MDGF-linear's training FLOPs (paper's iso-FLOPs)"),
     ("ste", None, "STE"),
     ("ste", "warmup50", "STE + dense warm-up 50 %"),
     ("gmp", None, "GMP (cubic, kept per group M -> N over 50 %)"),
@@ -741,6 +762,7 @@ DESIGN_ROWS = (
     ("mdgf", "exponential", "MDGF exponential (default)"),
     ("sdgf", "stepwise", "SDGF stepwise (default)"),
     ("sdgf", "geometric", "SDGF geometric"),
+    ("sdgf", "stepwise+mdgf", "SDGF stepwise + MDGF-linear mask decay (sdgf decay='linear')"),
 )
 
 
@@ -761,8 +783,10 @@ def design_tables(records: list[dict]) -> str:
     """Mean, standard deviation and seed count of every arm of the controlled study, and its FLOPs."""
     out = []
     for task in [t for t in TASKS if any(r["task"] == t for r in records)]:
-        for init, steps, lr in sorted({(r.get("init") or "", r["steps"], r["lr"]) for r in records if r["task"] == task}):
-            rl = [r for r in records if r["task"] == task and (r.get("init") or "", r["steps"], r["lr"]) == (init, steps, lr)]
+        def setting_of(r: dict) -> tuple:
+            return r.get("init") or "", r.get("nominal_steps") or r["steps"], r["lr"]
+        for init, steps, lr in sorted({setting_of(r) for r in records if r["task"] == task}):
+            rl = [r for r in records if r["task"] == task and setting_of(r) == (init, steps, lr)]
             metric_name = rl[0]["metric_name"]
             patterns = [p for p in ALL_PATTERNS if any(r["pattern"] == p for r in rl)]
             digits = 3 if metric_name == "accuracy" else 2
@@ -1018,9 +1042,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "(with --design: 1 seed, 1:8, 40 steps)")
     parser.add_argument("--design", action="store_true",
                         help="the controlled study: vision, 5 seeds, 1,000 steps, 1:8 and 1:16, the arms of design_arms()")
-    parser.add_argument("--tiers", type=int, nargs="+", default=list(range(1, 9)),
+    parser.add_argument("--tiers", type=int, nargs="+", default=list(range(1, 11)),
                         help="with --design: which tiers of arms to run (1 core + matched warm-up, 2 GMP, 3 ablations, "
-                             "4 dense-pretrain -> fine-tune, 5 STE controls, 6 lr sweep, 7 1:32, 8 other decay recipes)")
+                             "4 dense-pretrain -> fine-tune, 5 STE controls, 6 lr sweep, 7 1:32, 8 other decay recipes, "
+                             "9 SR-STE at MDGF's FLOPs, 10 SDGF + MDGF)")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs (resume later)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply model width and steps (e.g. 4 on a GPU)")
@@ -1054,7 +1079,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = time.perf_counter()
     tasks = {name: TASKS[name](getattr(config, name), args.device) for name in config.tasks}
     fwds = {name: forward_flops(task, task.model()) for name, task in tasks.items()}
-    specs = plan_design(config, tasks, tuple(args.tiers)) if args.design else plan_runs(config, tasks, fwds)
+    specs = plan_design(config, tasks, fwds, tuple(args.tiers)) if args.design else plan_runs(config, tasks, fwds)
     path = args.out / "accuracy.json"
     records = [] if args.fresh or not path.exists() else json.loads(path.read_text())
     done = {record_key(r, tasks[r["task"]].cfg["lr"] if r["task"] in tasks else None) for r in records}

@@ -49,6 +49,12 @@ DESIGN_PAIRS = (
     (("mdgf", "linear-f75"), ("mdgf", "linear")),
     # Added after seeing the first runs (stated in ACCURACY.md): equal alpha>0 time and FLOPs at 25 %.
     (("mdgf", "linear-f25"), ("srste", "warmup25")),
+    # Tiers 7-10, fixed before their runs: the paper's iso-FLOPs test (SR-STE given MDGF-linear's training
+    # FLOPs in more steps), the other MDGF decay, and SDGF combined with mask decay vs each of its parts.
+    (("mdgf", "linear"), ("srste", "iso-mdgf")),
+    (("mdgf", "exponential"), ("mdgf", "linear")),
+    (("sdgf", "stepwise+mdgf"), ("sdgf", "stepwise")),
+    (("sdgf", "stepwise+mdgf"), ("mdgf", "linear")),
 )
 
 
@@ -133,7 +139,8 @@ def cells(runs: Iterable[dict[str, Any]], field: str = "metric") -> list[dict[st
 
 
 def _setting(run: dict[str, Any]) -> tuple:
-    return run["task"], run["steps"], run["lr"], run.get("init") or ""
+    """(task, step budget, lr, init): an iso-FLOPs run counts under the budget it was sized from."""
+    return run["task"], run.get("nominal_steps") or run["steps"], run["lr"], run.get("init") or ""
 
 
 def design_cells(runs: Iterable[dict[str, Any]], key: str = "metric") -> list[dict[str, Any]]:
