@@ -19,7 +19,8 @@ packed layer's ``values`` / ``indices`` have exactly the shape and dtype its wei
 imply, and that every stored in-group position is ``< M`` (one vectorised decode per layer; only
 patterns whose M is not a power of two can hold invalid codes). It then rebuilds the inference model
 on a *staging copy* of ``model`` (``nmfx.sparsify`` + a structure-only ``nmfx.to_inference``), checks
-that the set of tensors the copy needs equals the file's, name by name and shape by shape, fills it,
+that the set of tensors the copy needs equals the file's, name by name and shape by shape (and that
+the floating-point tensors a module holds in one dtype are stored in one dtype), fills it,
 checks that no tensor is left on the meta device, and only then moves the result into ``model``: the
 same object comes back, its own hooks and submodule objects kept. Any refusal leaves ``model``
 exactly as it was. The copy is rebuilt on the CPU (``sparsify`` needs dense weights: they take CPU
@@ -144,6 +145,7 @@ def load(path: Union[str, os.PathLike], model: nn.Module, backend: str = "auto")
     allocate_inference(staged, backend)
     targets = _unique_tensors(staged)
     _check_fit(where, header, {layer["weight"]: layer for layer in packed_layers(staged)}, targets)
+    _check_module_dtypes(where, header, staged, targets)
     with torch.no_grad():  # one file tensor in memory at a time, each checked before it is copied
         for name, tensor in _checked_tensors(where, header):
             target = targets[name]
@@ -486,6 +488,26 @@ def _check_fit(where: str, header: _Header, rebuilt: dict[str, dict], targets: d
     if problems:
         raise ValueError(f"{where} does not fit this model; nothing was loaded:\n  " + "\n  ".join(problems[:20])
                          + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+
+
+def _check_module_dtypes(where: str, header: _Header, staged: nn.Module, targets: dict[str, torch.Tensor]) -> None:
+    """Floating-point tensors take the file's precision, but as one cast per module: tensors a module holds
+    in one floating-point dtype must be stored in one dtype (else the module's forward fails on mixed
+    dtypes, e.g. a float16 bias beside a float32 weight)."""
+    name_of = {id(t): name for name, t in targets.items()}
+    for path, module in staged.named_modules():
+        stored: dict[torch.dtype, dict[torch.dtype, str]] = {}  # the model's dtype -> {the file's dtype: a tensor}
+        for t in list(module._parameters.values()) + list(module._buffers.values()):
+            name = name_of.get(id(t)) if t is not None else None
+            if name is not None and t.dtype.is_floating_point:
+                stored.setdefault(t.dtype, {}).setdefault(header.tensors[name].dtype, name)
+        for own, found in stored.items():
+            if len(found) > 1:
+                listed = ", ".join(f"{name} as {_dtype_name(dtype)}" for dtype, name in found.items())
+                raise ValueError(f"{where} stores the {_dtype_name(own)} tensors of {path or 'the model'} in "
+                                 f"different dtypes ({listed}): that module's forward would fail on mixed dtypes; "
+                                 "nothing was loaded. Files from nmfx.save hold each module's tensors in one dtype; "
+                                 "if the saved model really mixed them, build the model with the same dtypes")
 
 
 def _target_device(model: nn.Module) -> torch.device:

@@ -253,6 +253,28 @@ def test_wrong_dtype_is_refused(vit_path, which, dtype, match):
     _refused(vit_path, match)
 
 
+@pytest.mark.parametrize("name", ["head.bias", "blocks.0.q.bias"])  # a dense module's, a packed layer's
+def test_mixed_dtypes_within_a_module_are_refused(vit_path, name):
+    """Floating-point tensors take the file's precision, but one module's tensors in two dtypes (a float16
+    bias beside a float32 weight) used to load and fail at the first forward."""
+    _rewrite(vit_path, tensors=lambda t: t.__setitem__(name, t[name].half()))
+    message = _refused(vit_path, "in different dtypes")
+    assert f"{name} as float16" in message and "that module's forward would fail" in message
+
+
+def test_a_file_in_lower_precision_loads_into_a_float32_model(vit_file, tmp_path):
+    """A file of a model lowered with dtype=bfloat16 casts every tensor alike: a float32 model takes it whole."""
+    torch.manual_seed(0)
+    model = nmfx.sparsify(TinyViT(), "1:8", "ste", example_inputs=(X[:2],))
+    low = nmfx.to_inference(model, backend="reference", dtype=torch.bfloat16)
+    nmfx.save(low, tmp_path / "bf16.safetensors")
+    fresh, _ = _fresh()
+    nmfx.load(tmp_path / "bf16.safetensors", fresh, backend="reference")
+    assert {t.dtype for t in fresh.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X.bfloat16()), low(X.bfloat16()), rtol=0, atol=0)
+
+
 def _data_offset(path, name):
     """(absolute offset of tensor ``name``'s bytes in a safetensors file, its byte length)."""
     data = path.read_bytes()
