@@ -135,6 +135,20 @@ def test_replaced_library_with_a_matching_old_record_is_not_loaded(cache, tiny_e
     assert not marker.exists() and len(cache.builds) == 2
 
 
+@needs_cc
+def test_the_no_build_probe_never_imports_a_planted_library(cache, tiny_ext, tmp_path):
+    """``cached()`` (what nm_mask, hence nmfx.sparsify, asks) loads only a verified library too: a planted one
+    is not imported (its code never runs) and nothing is built."""
+    marker = tmp_path / "planted-code-ran"
+    cpu._make_private_dirs(cache.kdir)
+    (cache.kdir / f"{cache.name}.so").write_bytes(tiny_ext(cache.name, "planted", marker))
+    assert cpu._load_cached(cpu.isa()) is None
+    assert not marker.exists() and cache.builds == []
+    cpu._load_or_build(cpu.isa())  # a genuine, recorded build replaces it: now the probe loads that
+    found = cpu._load_cached(cpu.isa())
+    assert found is not None and found[0].origin == "fake-build" and not marker.exists()
+
+
 @pytest.fixture(scope="session")
 def real_library(tmp_path_factory):
     """A verified copy of the real kernel library this session built (or found) in its cache."""
@@ -224,6 +238,20 @@ def test_writable_by_others_is_refused_with_one_warning(cache, tiny_ext, tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per directory
         cpu._load_or_build(cpu.isa())
+
+
+@needs_cc
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="no user ids on this platform")
+def test_cache_owned_by_another_user_is_not_read(cache, monkeypatch):
+    """A cache root owned by another user (seen here as this process running under another uid) is not read,
+    even holding a recorded library: one warning naming the owner, a build in a private directory."""
+    cpu._load_or_build(cpu.isa())  # a genuine, recorded build
+    other = os.getuid() + 4242
+    monkeypatch.setattr(os, "getuid", lambda: other)
+    with pytest.warns(RuntimeWarning, match=rf"not using the kernel cache {re.escape(str(cache.root))}: it is owned by "
+                      rf"uid \d+, not by you \(uid {other}\)"):
+        module, lib = cpu._load_or_build(cpu.isa())
+    assert module.origin == "fake-build" and len(cache.builds) == 2 and cache.root not in lib.parents
 
 
 @pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root to chown")
@@ -330,4 +358,19 @@ def test_key_covers_sources_flags_and_compiler(tmp_path, monkeypatch):
     assert cpu._build_key(["-O3"], ["-fopenmp"], [a, b]) != base
     monkeypatch.delenv("CXX")
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")  # another venv's torch
+    assert cpu._build_key(["-O3"], ["-fopenmp"], [a, b]) != base
+    monkeypatch.undo()
+    assert cpu._build_key(["-O3"], ["-fopenmp"], [a, b]) == base
+    from torch.utils import cpp_extension
+
+    for target, name, value in [
+        (cpp_extension, "include_paths", lambda *args, **kwargs: ["/another/venv/include"]),  # another venv's headers
+        (sys, "version", "3.99.0 (another interpreter)"),
+        (torch.version, "git_version", "0" * 40),  # another torch build of the same version
+        (platform, "machine", lambda: "another-arch"),
+    ]:
+        monkeypatch.setattr(target, name, value)
+        assert cpu._build_key(["-O3"], ["-fopenmp"], [a, b]) != base, name
+        monkeypatch.undo()
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda key: ".other-abi.so" if key == "EXT_SUFFIX" else None)
     assert cpu._build_key(["-O3"], ["-fopenmp"], [a, b]) != base
