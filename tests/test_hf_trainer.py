@@ -1,9 +1,25 @@
 """The Hugging Face Trainer callback: nmfx.step once per optimizer step, stats in the Trainer's logs."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import nmfx
+
+
+def test_every_nmfx_package_ships_in_the_wheel():
+    """pyproject lists packages explicitly: one left out (nmfx.integrations was) is missing from a non-editable
+    install, so ``from nmfx.integrations.hf import NMSparsityCallback`` fails there."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    dirs = {name: root / path for name, path in setuptools["package-dir"].items()}
+    found = {".".join(("nmfx", *init.parent.relative_to(dirs["nmfx"]).parts))
+             for init in dirs["nmfx"].rglob("__init__.py")}
+    assert "nmfx.integrations" in found and found <= listed, sorted(found - listed)
+
 
 transformers = pytest.importorskip("transformers")
 
