@@ -13,10 +13,15 @@ Criteria (the N:M mask of every weight keeps ``N`` of each group of ``M`` along 
   Layers are processed one at a time in forward order, each with inputs computed by the already-pruned
   earlier layers; only one layer's ``H`` is held at a time.
 
-The statistics are collected with forward pre-hooks on the plain model's ``nn.Linear`` /
-``transformers`` ``Conv1D`` modules, before the model is rewritten. Then the pruned weights are set to
-zero (SparseGPT also updates the kept ones) and the model is sparsified in place with
-``nmfx.sparsify(model, pattern, method)``; the masks are the chosen ones.
+The statistics are collected on the rewritten graph: a shadow copy of the module tree that shares the
+model's tensors is sparsified (``nmfx.sparsify``, the same config), its masked ops run dense (alpha = 1),
+and a ``TorchFunctionMode`` reads the input of every ``nmfx::masked_linear`` call, which it attributes to
+a weight by the call's mask buffer. So every op that ``sparsify`` rewrites is calibrated, however the
+model calls it (``nn.Linear``, ``Conv1D``, ``F.linear`` in a parent's forward); a weight that reaches
+its op only as a weight (``nmfx::masked_weight``, e.g. ``nn.MultiheadAttention``'s ``in_proj_weight``)
+has no visible input and is refused by ``"wanda"`` / ``"sparsegpt"``, with the fix. Then the pruned
+weights are set to zero (SparseGPT also updates the kept ones), the shadow is dropped and the model is
+sparsified in place with ``nmfx.sparsify(model, pattern, method)``; the masks are the chosen ones.
 
 How masks evolve afterwards: the pruned weights are exactly zero, so the effective weights are the
 dense weights and a mask recomputed from ``|W|`` reproduces the chosen one (up to ties between zeros,
@@ -41,6 +46,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from nmfx.api import record, sparsify, states
 from nmfx.config import SparsifyConfig
@@ -97,12 +103,13 @@ def prune(
         percdamp: SparseGPT dampening, a fraction of the mean diagonal of ``H`` (default 0.01).
         blocksize: SparseGPT column block width, a multiple of every ``M`` (default 128, or ``M`` if larger,
             per layer).
-        progress: show a progress bar over layers (default: when stderr is a terminal).
+        progress: show a progress bar over layers (tqdm; default: when stderr is a terminal).
 
     Raises:
         ValueError: bad calibration data (empty, not batches, non-finite values, a forward that fails
-            or produces non-finite activations), a layer the criterion cannot hook, or options that do
-            not fit. The model is then left exactly as it was.
+            or produces non-finite activations), a selected weight whose input the criterion cannot see
+            (it never ran, or its consumer takes the weight itself), or options that do not fit. The model
+            is then left exactly as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"nmfx.prune expects a torch.nn.Module, got {type(model).__name__}")
@@ -121,20 +128,12 @@ def prune(
                          "(e.g. a few hundred sequences of training text), or use criterion='magnitude'")
     batches = None if calibration is None else _batches(calibration, _device(model))
 
-    plan = _plan(model, config, example_inputs)
+    shadow, plan = _shadow(model, config, example_inputs)
     layers = {name: _Layer.of(model, name, dim) for name, (dim, _) in plan.items()}
-    if criterion != "magnitude":
-        unhookable = [name for name, layer in layers.items() if layer.kind is None]
-        if unhookable:
-            raise ValueError(f"criterion={criterion!r} reads each layer's input from an nn.Linear or transformers Conv1D "
-                             f"module; {len(unhookable)} selected weights are used otherwise (e.g. {unhookable[0]}): "
-                             "exclude them (exclude=[...]) or use criterion='magnitude'")
-
-    was_training = model.training
     backups: dict[str, Tensor] = {}
     try:
-        model.eval()
-        order, once = _check_pass(model, batches, layers, want_norms=criterion == "wanda") if batches else (list(layers), {})
+        order, once = (_check_pass(shadow, batches, layers, criterion) if batches
+                       else (list(layers), dict.fromkeys(layers, False)))
         bar = _progress(order, progress, f"nmfx.prune ({criterion}, {config.describe_pattern()})")
         masks: dict[str, Tensor] = {}
         with torch.no_grad():
@@ -146,7 +145,7 @@ def prune(
                 elif criterion == "wanda":
                     new, keep = _masked(weight, wanda_mask(weight, layer.column_sq, pattern))
                 else:
-                    hessian = _hessian(model, batches, layer, stop_early=once.get(name, False))
+                    hessian = _hessian(shadow, batches, layer, stop_early=once[name])
                     new, keep = sparsegpt_prune(weight, hessian, pattern, percdamp=percdamp,
                                                 blocksize=_blocksize(blocksize, pattern), name=name,
                                                 overwrite_hessian=True)
@@ -154,13 +153,12 @@ def prune(
                 backups[name] = layer.param.detach().clone()
                 layer.write(new)
                 masks[name] = keep
-        model.train(was_training)
+        del shadow  # its masks: free them before sparsify allocates the model's
         sparsify(model, config, example_inputs=example_inputs)
     except BaseException:
         with torch.no_grad():
             for name, original in backups.items():
                 layers[name].param.copy_(original)
-        model.train(was_training)
         raise
     found = states(model)
     with torch.no_grad():
@@ -230,26 +228,18 @@ def sparsegpt_prune(weight: Tensor, hessian: Tensor, pattern: PatternLike, *, pe
 # -- layers -------------------------------------------------------------------------------------------
 
 class _Layer:
-    """One weight to prune: its module, the parameter, and how its matrix is oriented."""
+    """One weight to prune: the parameter, and how its matrix is oriented (``dim``: the input dimension)."""
 
-    def __init__(self, name: str, module: nn.Module, param: nn.Parameter, dim: int, kind: Optional[str]) -> None:
-        self.name, self.module, self.param, self.dim, self.kind = name, module, param, dim, kind
+    def __init__(self, name: str, param: nn.Parameter, dim: int) -> None:
+        self.name, self.param, self.dim = name, param, dim
         self.column_sq: Optional[Tensor] = None
 
     @classmethod
     def of(cls, model: nn.Module, name: str, dim: int) -> "_Layer":
-        owner_name, _, param_name = name.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
-        param = owner.get_parameter(param_name)
+        param = model.get_parameter(name)
         if param.dim() != 2:
             raise ValueError(f"nmfx.prune handles 2-D weights; {name} has shape {tuple(param.shape)}")
-        kind = None
-        if param_name == "weight":
-            if isinstance(owner, nn.Linear) and dim == 1:
-                kind = "linear"
-            elif type(owner).__name__ == "Conv1D" and type(owner).__module__.startswith("transformers") and dim == 0:
-                kind = "conv1d"
-        return cls(name, owner, param, dim, kind)
+        return cls(name, param, dim)
 
     @property
     def in_features(self) -> int:
@@ -301,22 +291,55 @@ def _blocksize(blocksize: Optional[int], pattern: Pattern) -> int:
     return blocksize
 
 
-# -- plan: which weights nmfx.sparsify would rewrite ----------------------------------------------------
+# -- the shadow: the rewritten graph the statistics are read from -----------------------------------------
 
-def _plan(model: nn.Module, config: SparsifyConfig, example_inputs) -> dict[str, tuple[int, Pattern]]:
-    """``{weight name: (group dim, pattern)}`` that ``sparsify`` chooses, from a dry run on a copy of the module
-    tree that shares (and never changes) the model's tensors."""
+def _shadow(model: nn.Module, config: SparsifyConfig,
+            example_inputs: Any) -> tuple[nn.Module, dict[str, tuple[int, Pattern]]]:
+    """A copy of the module tree that shares (and never changes) the model's tensors, sparsified with
+    ``config`` and running dense (every alpha = 1), in eval mode; and the plan ``{weight name: (input dim,
+    pattern)}`` that ``sparsify`` chose. Earlier layers pruned in the model are pruned in the shadow too."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     shadow = copy.deepcopy(model, shared)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sparsify(shadow, config, example_inputs=example_inputs)
-    plan = {name: (state.dim, state.pattern) for name, state in states(shadow).items()}
-    if not plan:
+        shadow = sparsify(shadow, config, example_inputs=example_inputs)
+    found = states(shadow)
+    if not found:
         reasons = sorted({f"{row.name}: {row.reason}" for row in record(shadow).rows})
         raise ValueError(f"nmfx.prune: nothing in {type(model).__name__} would be sparsified at {config.describe_pattern()} "
                          f"(check include=/exclude=): {'; '.join(reasons)[:400]}")
-    return plan
+    with torch.no_grad():
+        for state in found.values():
+            state.alpha.fill_(1.0)  # W * (m + 1 * (1 - m)) = W: the masked ops compute the model's own
+    return shadow.eval(), {name: (state.dim, state.pattern) for name, state in found.items()}
+
+
+class _MaskedOps(TorchFunctionMode):
+    """Calls ``seen(name, x)`` with the input ``x`` of every ``nmfx::masked_linear`` call whose mask is the
+    shadow state of weight ``name``, and ``as_weight(name)`` for every ``nmfx::masked_weight`` call (an op
+    that takes the masked weight itself: its input is not visible here)."""
+
+    def __init__(self, masks: dict[int, str], seen, as_weight=None) -> None:
+        super().__init__()
+        self.masks, self.seen, self.as_weight = masks, seen, as_weight
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op = getattr(func, "overloadpacket", func)
+        if op is torch.ops.nmfx.masked_linear:
+            name = self.masks.get(id(args[2] if len(args) > 2 else kwargs.get("mask")))
+            if name is not None:
+                self.seen(name, args[0] if args else kwargs["x"])
+        elif op is torch.ops.nmfx.masked_weight and self.as_weight is not None:
+            name = self.masks.get(id(args[1] if len(args) > 1 else kwargs.get("mask")))
+            if name is not None:
+                self.as_weight(name)
+        return func(*args, **kwargs)
+
+
+def _mask_ids(shadow: nn.Module, names) -> dict[int, str]:
+    found = states(shadow)
+    return {id(found[name].mask): name for name in names}
 
 
 # -- calibration ----------------------------------------------------------------------------------------
@@ -383,92 +406,96 @@ def _device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def _forward(model: nn.Module, batches: list[_Batch]) -> None:
-    """Run every batch through ``model`` (no grad); a failing batch becomes a ValueError naming it."""
+def _forward(model: nn.Module, batches: list[_Batch], mode: TorchFunctionMode, starting=None) -> None:
+    """Run every batch through ``model`` (no grad) under ``mode``, calling ``starting(i)`` before batch ``i``;
+    a failing batch becomes a ValueError naming it."""
     with torch.no_grad():
         for i, (args, kwargs) in enumerate(batches):
+            if starting is not None:
+                starting(i)
             try:
-                model(*args, **kwargs)
+                with mode:
+                    model(*args, **kwargs)
             except _StopForward:
                 pass
             except Exception as error:
                 raise ValueError(f"calibration batch {i} does not run through {type(model).__name__} "
-                                 f"({type(error).__name__}: {str(error)[:300]}); pass the model's own inputs "
-                                 "(a tuple of positional arguments or a dict of keyword arguments per batch)") from error
+                                 f"({type(error).__name__}: {str(error)[:300]}); pass the model's own inputs (a "
+                                 "tuple of positional arguments or a dict of keyword arguments per batch)") from error
 
 
-def _input_of(layer: _Layer, args: tuple, kwargs: dict) -> Tensor:
-    x = args[0] if args else next(iter(kwargs.values()))
+def _input_of(layer: _Layer, x: Any) -> Tensor:
+    """The input of ``layer``'s op as float32 ``[tokens, in]``."""
     if not isinstance(x, Tensor) or x.shape[-1] != layer.in_features:
         raise ValueError(f"{layer.name}: its input has shape {tuple(getattr(x, 'shape', ()))}, expected "
                          f"[..., {layer.in_features}]")
     return x.detach().reshape(-1, layer.in_features).float()
 
 
-def _check_pass(model: nn.Module, batches: list[_Batch], layers: dict[str, "_Layer"],
-                want_norms: bool) -> tuple[list[str], dict[str, bool]]:
-    """One pass over the calibration data: checks it runs and keeps activations finite; returns the layers
-    in the order they first run and whether each runs exactly once per batch; with ``want_norms`` also
-    each layer's per-input-column sum of squares (Wanda)."""
+def _check_pass(shadow: nn.Module, batches: list[_Batch], layers: dict[str, _Layer],
+                criterion: str) -> tuple[list[str], dict[str, bool]]:
+    """One pass over the calibration data: checks it runs and keeps the layers' inputs finite; returns the
+    layers in the order they first run and whether each runs exactly once in every batch; for Wanda also
+    each layer's per-input-column sum of squares. For ``"wanda"`` / ``"sparsegpt"``, a layer whose input
+    was never seen is a ValueError naming it and the fix."""
     order: list[str] = []
-    calls: dict[str, int] = {name: 0 for name in layers}
-    handles = []
+    counts: dict[str, list[int]] = {name: [0] * len(batches) for name in layers}
+    as_weight: set[str] = set()
+    batch = [0]
 
-    def hook_for(layer: _Layer):
-        def hook(module, args, kwargs):
-            x = _input_of(layer, args, kwargs)
-            if not torch.isfinite(x).all():
-                raise _NonFinite(layer.name)
-            if calls[layer.name] == 0:
-                order.append(layer.name)
-            calls[layer.name] += 1
-            if want_norms:
-                sq = x.square().sum(0)
-                layer.column_sq = sq if layer.column_sq is None else layer.column_sq + sq
-        return hook
+    def seen(name: str, x: Any) -> None:
+        layer = layers[name]
+        x = _input_of(layer, x)
+        if not torch.isfinite(x).all():
+            raise _NonFinite(name)
+        if not any(counts[name]):
+            order.append(name)
+        counts[name][batch[0]] += 1
+        if criterion == "wanda":
+            sq = x.square().sum(0)
+            layer.column_sq = sq if layer.column_sq is None else layer.column_sq + sq
 
+    for layer in layers.values():
+        layer.column_sq = None
+    mode = _MaskedOps(_mask_ids(shadow, layers), seen, as_weight.add)
     try:
-        for layer in layers.values():
-            layer.column_sq = None
-            handles.append(layer.module.register_forward_pre_hook(hook_for(layer), with_kwargs=True))
-        try:
-            _forward(model, batches)
-        except ValueError as error:
-            if isinstance(error.__cause__, _NonFinite):
-                raise ValueError(f"calibration makes the input of {error.__cause__.args[0]} non-finite (NaN or inf "
-                                 "activations); check the model and the calibration data") from None
-            raise
-    finally:
-        for handle in handles:
-            handle.remove()
-    never = [name for name, count in calls.items() if count == 0]
-    if never:
-        raise ValueError(f"{len(never)} selected layers never ran on the calibration data (e.g. {never[0]}); "
-                         "exclude them (exclude=[...]) or use criterion='magnitude'")
-    once = {name: count == len(batches) for name, count in calls.items()}
-    return order, once
+        _forward(shadow, batches, mode, starting=lambda i: batch.__setitem__(0, i))
+    except ValueError as error:
+        if isinstance(error.__cause__, _NonFinite):
+            raise ValueError(f"calibration makes the input of {error.__cause__.args[0]} non-finite (NaN or inf "
+                             "activations); check the model and the calibration data") from None
+        raise
+    never = [name for name in layers if not any(counts[name])]
+    if criterion != "magnitude":
+        hidden = [name for name in never if name in as_weight]
+        if hidden:
+            raise ValueError(f"criterion={criterion!r} reads each weight's input at its op; {len(hidden)} selected "
+                             f"weights are passed to their consumer as weights, so their input is not visible (e.g. "
+                             f"{hidden[0]}, as nn.MultiheadAttention uses its projections): exclude them "
+                             "(exclude=[...]) or use criterion='magnitude'")
+        if never:
+            raise ValueError(f"{len(never)} selected layers never ran on the calibration data (e.g. {never[0]}); "
+                             "exclude them (exclude=[...]) or use criterion='magnitude'")
+    once = {name: all(c == 1 for c in counts[name]) for name in layers}
+    return order + never, once
 
 
 class _NonFinite(Exception):
     pass
 
 
-def _hessian(model: nn.Module, batches: list[_Batch], layer: _Layer, stop_early: bool) -> Tensor:
+def _hessian(shadow: nn.Module, batches: list[_Batch], layer: _Layer, stop_early: bool) -> Tensor:
     """``X^T X`` (float32) of ``layer``'s input over the calibration data, with the model as it is now
-    (earlier layers already pruned). Ends each forward at the layer when it runs once per batch."""
+    (earlier layers already pruned). Ends each forward at the layer when it runs once in every batch."""
     H = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float32, device=layer.param.device)
 
-    def hook(module, args, kwargs):
-        x = _input_of(layer, args, kwargs)
+    def seen(name: str, x: Any) -> None:
+        x = _input_of(layer, x)
         H.addmm_(x.T, x)
         if stop_early:
             raise _StopForward
 
-    handle = layer.module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        _forward(model, batches)
-    finally:
-        handle.remove()
+    _forward(shadow, batches, _MaskedOps(_mask_ids(shadow, [layer.name]), seen))
     if not torch.isfinite(H).all():
         raise ValueError(f"{layer.name}: the calibration Hessian is not finite (activations overflow after the "
                          "earlier layers were pruned?); use criterion='wanda' or fewer/shorter calibration batches")
@@ -476,12 +503,7 @@ def _hessian(model: nn.Module, batches: list[_Batch], layer: _Layer, stop_early:
 
 
 def _progress(items: list[str], enabled: Optional[bool], description: str):
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: no bar
-        return items
-    return tqdm(items, desc=description, unit="layer")
+    from tqdm.auto import tqdm  # a dependency of nmfx
+
+    show = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(items, desc=description, unit="layer", disable=not show)
