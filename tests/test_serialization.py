@@ -425,6 +425,47 @@ def test_invalid_code_scan_agrees_with_unpack_positions(m, n, rows, groups, rnd)
     assert torch.equal(_invalid_rows(indices, bits, kept, m), expected)
 
 
+# -- memory ----------------------------------------------------------------------------------------
+
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(64, 1024)
+        self.out = nn.Linear(1024, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_load_never_allocates_a_packed_layers_dense_weight(tmp_path, device):
+    """The rebuild runs on meta and allocates only the inference model's tensors: no tensor as large as the
+    packed layer's dense weight (256 KiB; its packed values are 32 KiB) is ever created."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and not t.is_meta:
+                    self.nbytes = max(self.nbytes, t.numel() * t.element_size())
+            return out
+
+    torch.manual_seed(0)
+    saved = nmfx.to_inference(nmfx.sparsify(Wide(), "1:8", "ste", include=["up.weight"]), backend="reference")
+    nmfx.save(saved, tmp_path / "w.safetensors")
+    with torch.device(device):
+        fresh = Wide()
+    with Largest() as largest:
+        nmfx.load(tmp_path / "w.safetensors", fresh, backend="reference")
+    assert 0 < largest.nbytes < 64 * 1024 * 4
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), saved(x))
+
+
 # -- meta-device loads ---------------------------------------------------------------------------
 
 class WithBuffer(nn.Module):

@@ -80,11 +80,11 @@ class NMSparsityCallback(TrainerCallback):
         if model is None:
             raise ValueError("NMSparsityCallback needs the model in the callback arguments")
         if not nmfx.states(model):
-            raise ValueError(f"NMSparsityCallback: the Trainer's {type(model).__name__} has no nmfx-sparsified weights, "
-                             "so nothing would be sparsified and the run would train dense. Call nmfx.sparsify(model, "
-                             "pattern, method, ...) before creating the Trainer; to resume a run "
-                             "(resume_from_checkpoint), sparsify the freshly built model with the same arguments as "
-                             "the run that wrote the checkpoint")
+            raise ValueError(f"NMSparsityCallback: the Trainer's {type(model).__name__} has no nmfx-sparsified "
+                             "weights, so nothing would be sparsified and the run would train dense. Call "
+                             "nmfx.sparsify(model, pattern, method, ...) before creating the Trainer; to resume a "
+                             "run (resume_from_checkpoint), sparsify the freshly built model with the same "
+                             "arguments as the run that wrote the checkpoint")
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is None:
