@@ -126,6 +126,18 @@ def test_reference_fallback_warns_once_with_the_reason(vit_pair, monkeypatch):
     assert mine[0].filename == __file__  # points at the caller
 
 
+def test_load_warns_too_when_it_lowers_to_the_reference(vit_pair, monkeypatch, tmp_path):
+    """nmfx.load(backend="auto") into a CPU model lowers like to_inference: the same warning, with the reason."""
+    _, inference = vit_pair
+    nmfx.save(inference, tmp_path / "vit.safetensors")
+    _fake_unavailable(monkeypatch)
+    with pytest.warns(RuntimeWarning) as caught:
+        nmfx.load(tmp_path / "vit.safetensors", TinyViT(dim=32, depth=1, heads=2), backend="auto")
+    mine = [w for w in caught if "C++ CPU kernel for nm_linear is unavailable" in str(w.message)]
+    assert len(mine) == 1 and "c++ exited with 1 (test)" in str(mine[0].message)
+    assert mine[0].filename == __file__  # points at the caller
+
+
 def test_no_fallback_warning_for_the_explicit_reference_or_a_working_kernel(vit_pair, monkeypatch):
     model, _ = vit_pair
     with warnings.catch_warnings():
