@@ -161,6 +161,8 @@ def _values_name(h):
 HEADER_CASES = {
     "format_version as a string": (lambda h: h.update(format_version="2"), "`format_version` must be an integer"),
     "format_version 0": (lambda h: h.update(format_version=0), "`format_version` must be 1 or 2"),
+    "a newer format_version": (lambda h: h.update(format_version=4), "uses nmfx file format 4; this nmfx reads up to 3: "
+                               "upgrade nmfx"),
     "pattern as a number": (lambda h: h.update(pattern=18), "`pattern` must be a string"),
     "pattern with M too large": (lambda h: h.update(pattern="1:64"), "`pattern` has M=64"),
     "layers as an object": (lambda h: h.update(layers={}), "`layers` must be a list"),
