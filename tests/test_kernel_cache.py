@@ -254,6 +254,37 @@ def test_cache_owned_by_another_user_is_not_read(cache, monkeypatch):
     assert module.origin == "fake-build" and len(cache.builds) == 2 and cache.root not in lib.parents
 
 
+_PRIVATE_BUILD = """
+import shutil, sys, warnings
+from pathlib import Path
+from nmfx.kernels import cpu
+def fake_compile(name, cflags, ldflags, build_dir):
+    shutil.copyfile(sys.argv[1], Path(build_dir) / f"{name}.so")
+    return cpu._import_library(name, Path(build_dir) / f"{name}.so")
+cpu._compile = fake_compile
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    module, lib = cpu._load_or_build(cpu.isa())
+assert module.origin == "fake-build" and lib.exists() and len(caught) == 1, caught
+print("built in", lib.parent)
+"""
+
+
+@needs_cc
+def test_private_build_directory_is_removed_at_exit(cache, tiny_ext, tmp_path):
+    """The fallback for an unsafe cache builds in a private temporary directory, gone when the process exits."""
+    cpu._make_private_dirs(cache.kdir)
+    os.chmod(cache.root, 0o777)
+    library = tmp_path / "tiny.so"
+    library.write_bytes(tiny_ext(cache.name, "fake-build"))
+    env = {**os.environ, "NMFX_CACHE_DIR": str(cache.root)}
+    done = subprocess.run([sys.executable, "-c", _PRIVATE_BUILD, str(library)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    private = Path(done.stdout.split("built in ", 1)[1].strip())
+    assert cache.root not in private.parents and not private.exists()
+
+
 @pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root to chown")
 def test_directory_owned_by_another_user_is_refused(tmp_path):
     d = tmp_path / "theirs"
