@@ -389,6 +389,37 @@ def test_pruned_model_lowers_without_force_and_saves(criterion, tmp_path):
     torch.testing.assert_close(loaded(images[0]), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_pruned_training_model_round_trips_its_state_dict_mid_fine_tune():
+    """A training checkpoint of a pruned model is its state_dict: a fresh model sparsified with the same
+    config loads it and continues identically (masks, schedule step, outputs)."""
+    images = _images()
+    model = nmfx.prune(_vit(), "1:8", images, "wanda", method="srste", total_steps=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+
+    def train_step(m, o):
+        loss = nn.functional.cross_entropy(m(images[0]), torch.arange(4))
+        o.zero_grad()
+        loss.backward()
+        o.step()
+        nmfx.step(m)
+
+    for _ in range(2):
+        train_step(model, opt)
+    restored = nmfx.sparsify(_vit(seed=5), "1:8", "srste", total_steps=6)
+    restored.load_state_dict(model.state_dict())
+    restored.train()
+    ropt = torch.optim.SGD(restored.parameters(), lr=0.05)
+    ropt.load_state_dict(opt.state_dict())
+    for name, state in nmfx.states(model).items():
+        restored_state = nmfx.states(restored)[name]
+        assert torch.equal(restored_state.mask, state.mask) and int(restored_state.step) == int(state.step) == 2
+    for _ in range(2):
+        train_step(model, opt)
+        train_step(restored, ropt)
+    torch.testing.assert_close(restored.eval()(images[1]), model.eval()(images[1]))
+
+
 def test_fine_tuning_continues_from_the_pruned_weights():
     images = _images()
     ste = nmfx.prune(_vit(), "2:4", images, "wanda")
