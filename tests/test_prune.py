@@ -518,6 +518,39 @@ def test_sparsegpt_hessian_counts_every_call_of_a_reused_layer(monkeypatch):
     torch.testing.assert_close(seen["fc.weight"], expected)
 
 
+class _TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 16)
+        self.fc2 = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_sparsegpt_is_sequential_later_layers_see_the_pruned_earlier_ones(monkeypatch):
+    """fc2's Hessian is built from the output of fc1 *as pruned* (SparseGPT's sequential calibration)."""
+    torch.manual_seed(0)
+    model = _TwoLayers().eval()
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        dense_hidden = torch.relu(model.fc1(x))
+    seen = {}
+    real = prune_module.sparsegpt_prune
+
+    def spy(weight, hessian, *args, name, **kwargs):
+        seen[name] = hessian.clone()
+        return real(weight, hessian, *args, name=name, **kwargs)
+
+    monkeypatch.setattr(prune_module, "sparsegpt_prune", spy)
+    nmfx.prune(model, "2:4", [x[:32], x[32:]], "sparsegpt", include=["fc1", "fc2"])
+    assert list(seen) == ["fc1.weight", "fc2.weight"]  # forward order
+    with torch.no_grad():
+        pruned_hidden = torch.relu(model.fc1(x))  # fc1 as pruned (unchanged since)
+    torch.testing.assert_close(seen["fc2.weight"], pruned_hidden.T @ pruned_hidden)
+    assert not torch.allclose(seen["fc2.weight"], dense_hidden.T @ dense_hidden, rtol=1e-3, atol=1e-3)
+
+
 class _Loop(nn.Module):
     """``fc`` runs ``times`` times per forward (a batch-dependent count)."""
 
