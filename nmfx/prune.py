@@ -19,9 +19,15 @@ and a ``TorchFunctionMode`` reads the input of every ``nmfx::masked_linear`` cal
 a weight by the call's mask buffer. So every op that ``sparsify`` rewrites is calibrated, however the
 model calls it (``nn.Linear``, ``Conv1D``, ``F.linear`` in a parent's forward); a weight that reaches
 its op only as a weight (``nmfx::masked_weight``, e.g. ``nn.MultiheadAttention``'s ``in_proj_weight``)
-has no visible input and is refused by ``"wanda"`` / ``"sparsegpt"``, with the fix. Then the pruned
-weights are set to zero (SparseGPT also updates the kept ones), the shadow is dropped and the model is
-sparsified in place with ``nmfx.sparsify(model, pattern, method)``; the masks are the chosen ones.
+has no visible input and is refused by ``"wanda"`` / ``"sparsegpt"``, with the fix. Then the shadow is
+dropped, the model is sparsified in place with ``nmfx.sparsify(model, pattern, method)``, the pruned
+weights are set to zero (SparseGPT also updates the kept ones) and the masks are the chosen ones.
+
+Memory beyond the model: the calibration batches, one mask per pruned weight (the shadow's, then the
+model's own), one layer's float32 weight copy and, for SparseGPT, one layer's ``H`` and its Cholesky
+factors. SparseGPT writes each layer as it goes (the later layers' Hessians need it pruned), so that a
+refusal half-way can restore the model it keeps the original of every layer written, on the CPU;
+magnitude and Wanda write nothing before the last step that can fail and keep no copy.
 
 How masks evolve afterwards: the pruned weights are exactly zero, so the effective weights are the
 dense weights and a mask recomputed from ``|W|`` reproduces the chosen one (up to ties between zeros,
@@ -130,7 +136,7 @@ def prune(
 
     shadow, plan = _shadow(model, config, example_inputs)
     layers = {name: _Layer.of(model, name, dim) for name, (dim, _) in plan.items()}
-    backups: dict[str, Tensor] = {}
+    backups: dict[str, Tensor] = {}  # SparseGPT's pruned layers, as they were (on the CPU)
     try:
         order, once = (_check_pass(shadow, batches, layers, criterion) if batches
                        else (list(layers), dict.fromkeys(layers, False)))
@@ -141,18 +147,18 @@ def prune(
                 layer, pattern = layers[name], plan[name][1]
                 weight = layer.matrix()  # [out, in] float32 copy
                 if criterion == "magnitude":
-                    new, keep = _masked(weight, nm_mask(weight, pattern))
+                    masks[name] = nm_mask(weight, pattern)
                 elif criterion == "wanda":
-                    new, keep = _masked(weight, wanda_mask(weight, layer.column_sq, pattern))
-                else:
+                    masks[name] = wanda_mask(weight, layer.column_sq, pattern)
+                else:  # sequential: the next layers' Hessians need this one pruned, so it is written now
                     hessian = _hessian(shadow, batches, layer, stop_early=once[name])
-                    new, keep = sparsegpt_prune(weight, hessian, pattern, percdamp=percdamp,
-                                                blocksize=_blocksize(blocksize, pattern), name=name,
-                                                overwrite_hessian=True)
+                    new, masks[name] = sparsegpt_prune(weight, hessian, pattern, percdamp=percdamp,
+                                                       blocksize=_blocksize(blocksize, pattern), name=name,
+                                                       overwrite_hessian=True)
                     del hessian
-                backups[name] = layer.param.detach().clone()
-                layer.write(new)
-                masks[name] = keep
+                    backups[name] = layer.param.detach().to("cpu", copy=True)
+                    layer.write(new)
+                del weight
         del shadow  # its masks: free them before sparsify allocates the model's
         sparsify(model, config, example_inputs=example_inputs)
     except BaseException:
@@ -160,10 +166,15 @@ def prune(
             for name, original in backups.items():
                 layers[name].param.copy_(original)
         raise
+    # Nothing refuses from here on: magnitude / Wanda write their pruned weights only now, so a refusal
+    # above never had to undo them (and no copy of the dense weights was kept).
     found = states(model)
     with torch.no_grad():
         for name, keep in masks.items():
-            state = found[name]
+            layer, state = layers[name], found[name]
+            if criterion != "sparsegpt":
+                layer.write(layer.matrix().masked_fill_(~keep, 0.0))
+            state.restart(layer.param)  # the state as sparsify builds it from the pruned weights
             if state.schedule.pattern == state.pattern:  # e.g. SDGF starts from a denser pattern: keep its own mask
                 state.mask.copy_(keep if state.dim == 1 else keep.T)
     return model
@@ -252,10 +263,6 @@ class _Layer:
 
     def write(self, matrix: Tensor) -> None:
         self.param.copy_(matrix if self.dim == 1 else matrix.T)
-
-
-def _masked(weight: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-    return weight.masked_fill(~keep, 0.0), keep
 
 
 def _inverse_cholesky(H: Tensor, percdamp: float, name: str) -> Tensor:

@@ -311,6 +311,23 @@ def test_a_failure_midway_restores_every_pruned_layer(monkeypatch):
     _assert_untouched(model, before)
 
 
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_a_failure_in_the_final_sparsify_leaves_the_model_untouched(criterion, monkeypatch):
+    model = _vit()
+    before = _snapshot(model)
+    real = prune_module.sparsify
+
+    def failing(target, *args, **kwargs):
+        if target is model:  # the shadow copy is sparsified first, the model last
+            raise RuntimeError("out of memory, say")
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(prune_module, "sparsify", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        nmfx.prune(model, "2:4", _images(), criterion)
+    _assert_untouched(model, before)
+
+
 def test_bad_options_are_refused_before_anything_runs():
     model = _vit()
     before = _snapshot(model)
