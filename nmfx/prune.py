@@ -23,9 +23,9 @@ has no visible input and is refused by ``"wanda"`` / ``"sparsegpt"``, with the f
 dropped, the model is sparsified in place with ``nmfx.sparsify(model, pattern, method)``, the pruned
 weights are set to zero (SparseGPT also updates the kept ones) and the masks are the chosen ones.
 
-Memory beyond the model: the calibration batches, one mask per pruned weight (the shadow's, then the
-model's own), one layer's float32 weight copy and, for SparseGPT, one layer's ``H`` and its Cholesky
-factors. SparseGPT writes each layer as it goes (the later layers' Hessians need it pruned), so that a
+Memory beyond the model: the calibration batches, two bool masks per pruned weight (the chosen one, and
+the shadow's state, then the model's), one layer's float32 weight copies and, for SparseGPT, one layer's
+``H`` and its Cholesky factors. SparseGPT writes each layer as it goes (the later layers' Hessians need it pruned), so that a
 refusal half-way can restore the model it keeps the original of every layer written, on the CPU;
 magnitude and Wanda write nothing before the last step that can fail and keep no copy.
 
