@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
 from nmfx.accessors import RECORD_ATTR, graphs, is_sparsified, masks, record, states
@@ -116,6 +117,13 @@ def _refuse_mismatched_checkpoint(module, state_dict, prefix, local_metadata, st
     alpha, an invalid mask) is refused whole. Accepted older layouts are then translated in the (copied)
     dict: format 1's config string, and the effective-weight layout of nmfx's ``save_pretrained``."""
     found = states(module)
+    wrong_shapes = _shape_problems(module, state_dict, prefix, set(found.values()))
+    if wrong_shapes:
+        raise ValueError("refusing to load this checkpoint into the nmfx-sparsified model; nothing was loaded:\n  "
+                         + "\n  ".join(wrong_shapes[:20])
+                         + (f"\n  ... and {len(wrong_shapes) - 20} more" if len(wrong_shapes) > 20 else "")
+                         + "\nThe checkpoint is of a model built with another configuration (widths, vocabulary, "
+                         "layers); build the same model before loading it.")
     incoming = _nmfx_entries(state_dict, prefix, found)
     if not incoming and found and all(state.needs_refresh is not None for state in found.values()):
         match_mask_layouts(module)  # FSDP2: masks sharded like their weights (set_model_state_dict skips state_dict)
@@ -150,6 +158,30 @@ def _refuse_mismatched_checkpoint(module, state_dict, prefix, local_metadata, st
         normalized = normalize_checkpoint(state, entries)
         state_dict.update({base + key: value for key, value in normalized.items()})
         state.mark_checked(normalized)
+
+
+def _shape_problems(module: nn.Module, state_dict, prefix: str, skip: set) -> list[str]:
+    """Incoming tensors whose shape differs from the parameter or persistent buffer they would be copied into
+    (torch raises for those only after it has copied the entries before them). nmfx state buffers (``skip``'s
+    modules) are left to :func:`nmfx.state.checkpoint_problems`; lazy parameters and torch's 1-element-into-0-d
+    case are accepted as torch accepts them."""
+    problems = []
+    for owner_name, owner in module.named_modules(remove_duplicate=False):
+        if owner in skip:
+            continue
+        base = f"{prefix}{owner_name}." if owner_name else prefix
+        targets = [(n, t) for n, t in owner._parameters.items() if t is not None]
+        targets += [(n, t) for n, t in owner._buffers.items()
+                    if t is not None and n not in owner._non_persistent_buffers_set]
+        for name, target in targets:
+            value = state_dict.get(base + name)
+            if not isinstance(value, torch.Tensor) or isinstance(target, nn.parameter.UninitializedParameter):
+                continue
+            if value.shape == target.shape or (target.dim() == 0 and value.shape == (1,)):
+                continue
+            problems.append(f"{base + name}: shape {tuple(value.shape)} in the checkpoint vs {tuple(target.shape)} "
+                            "in the model")
+    return problems
 
 
 def _accept_dense_weights(state_dict, prefix: str, found) -> None:

@@ -161,6 +161,9 @@ BAD = {
     "unknown entry": (_set("fc2.weight_nm.junk", torch.zeros(())), "unknown nmfx entries ['junk']"),
     "no state": (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("fc2.weight_nm.")], "dense model"),
     "stray state": (_set("out.weight_nm.step", torch.tensor(1)), "out.weight: the checkpoint has nmfx state"),
+    # torch's own shape check runs per tensor while copying: without nmfx's it would overwrite fc1 first
+    "weight shape": (_set("fc2.weight", torch.zeros(64, 32)), "fc2.weight: shape (64, 32) in the checkpoint vs (64, 64)"),
+    "head shape": (_set("out.weight", torch.zeros(5, 64)), "out.weight: shape (5, 64) in the checkpoint vs (4, 64)"),
 }
 
 
@@ -283,7 +286,7 @@ def test_effective_weight_layout_rebuilds_the_dense_weights():
 @pytest.mark.parametrize("change, message", [
     (lambda sd: sd.__setitem__("fc2.weight_nm.pruned", sd["fc2.weight_nm.pruned"][:-1]), "pruned has 3583 values"),
     (lambda sd: sd.__setitem__("fc2.weight_nm.pruned", sd["fc2.weight_nm.pruned"].double()), "pruned must be a 1-D"),
-    (lambda sd: sd.__setitem__("fc2.weight", sd["fc2.weight"][:8]), "the weight has shape (8, 64)"),
+    (lambda sd: sd.__setitem__("fc2.weight", sd["fc2.weight"][:8]), "fc2.weight: shape (8, 64) in the checkpoint"),
     (lambda sd: sd.pop("fc2.weight"), "the weight is missing from the checkpoint"),
     (lambda sd: sd.__setitem__("fc2.weight", sd["fc2.weight"].to(torch.int32)), "a plain floating-point tensor"),
     (lambda sd: sd["fc2.weight"].add_(1e-3), "not the effective weight of the pruned values"),
