@@ -12,8 +12,8 @@ so the plain model is built fresh and filled: pass ``into=`` a new instance of t
 
 ONNX: a packed inference model calls ``nmfx::nm_linear``, which has no ONNX definition. Both exporters
 refuse it pointing here: ``torch.onnx.export(..., dynamo=True)`` (the default) through the op's fake
-implementation (``nmfx.inference_ops``), the TorchScript exporter (``dynamo=False``) through the symbolic
-this module registers. Export ``to_dense(model)`` instead.
+implementation, the TorchScript exporter (``dynamo=False``) through a symbolic (both in
+``nmfx.inference_ops``). Export ``to_dense(model)`` instead.
 """
 
 from __future__ import annotations
@@ -33,11 +33,6 @@ from nmfx.refresh import require_refreshed
 from nmfx.state import STATE_SUFFIX, NMState
 
 __all__ = ["to_dense"]
-
-ONNX_REFUSAL = ("nmfx::nm_linear has no ONNX definition, so a packed nmfx inference model cannot be exported to "
-                "ONNX: export the dense copy instead, torch.onnx.export(nmfx.to_dense(model), ...), whose weights "
-                "hold the N:M zeros")
-
 
 def to_dense(model: nn.Module, into: Optional[nn.Module] = None, *, force: bool = False) -> nn.Module:
     """A plain copy of nmfx model ``model`` with its effective sparse weights; ``model`` is not changed.
@@ -160,12 +155,3 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
     for name, owner in ties:
         module_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module_name) if module_name else model, attr, model.get_parameter(owner))
-
-
-def _refuse_onnx(g, *args):  # the TorchScript ONNX exporter's symbolic for nmfx::nm_linear
-    raise ValueError(ONNX_REFUSAL)
-
-
-_register_symbolic = getattr(torch.onnx, "register_custom_op_symbolic", None)  # absent once torch drops the exporter
-if _register_symbolic is not None:
-    _register_symbolic("nmfx::nm_linear", _refuse_onnx, 9)  # opset 9 and every later one

@@ -160,11 +160,14 @@ def _nm_linear_cuda(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
     return nm_linear_reference(x, values, indices, bias, n, m, index_bits)
 
 
+ONNX_REFUSAL = ("nmfx::nm_linear has no ONNX definition, so a packed nmfx inference model cannot be exported to "
+                "ONNX: export the dense copy instead, torch.onnx.export(nmfx.to_dense(model), ...), whose weights "
+                "hold the N:M zeros")
+
+
 def _nm_linear_fake(x, values, indices, bias, n, m, index_bits):
-    if torch.onnx.is_in_onnx_export():
-        raise ValueError("nmfx::nm_linear has no ONNX definition, so a packed nmfx inference model cannot be "
-                         "exported to ONNX: export the dense copy instead, torch.onnx.export(nmfx.to_dense(model), "
-                         "...), whose weights hold the N:M zeros")
+    if torch.onnx.is_in_onnx_export():  # the dynamo exporter traces through the fake
+        raise ValueError(ONNX_REFUSAL)
     out, _, _ = check_nm_linear_args(x, values, indices, bias, n, m, index_bits)
     return x.new_empty((*x.shape[:-1], out))
 
@@ -201,3 +204,12 @@ def nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bias
 def nm_linear_packed(x: torch.Tensor, packed: PackedNMWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Convenience wrapper: ``torch.ops.nmfx.nm_linear`` on a :class:`PackedNMWeight` (bit-packed indices)."""
     return nm_linear(x, packed.values, packed.indices, bias, packed.pattern.n, packed.pattern.m, packed.index_bits)
+
+
+def _refuse_onnx(g, *args):  # the TorchScript ONNX exporter's symbolic for nmfx::nm_linear
+    raise ValueError(ONNX_REFUSAL)
+
+
+_register_symbolic = getattr(torch.onnx, "register_custom_op_symbolic", None)  # absent once torch drops the exporter
+if _register_symbolic is not None:
+    _register_symbolic("nmfx::nm_linear", _refuse_onnx, 9)  # opset 9 and every later one
