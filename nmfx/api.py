@@ -117,7 +117,7 @@ def _refuse_mismatched_checkpoint(module, state_dict, prefix, local_metadata, st
     alpha, an invalid mask) is refused whole. Accepted older layouts are then translated in the (copied)
     dict: format 1's config string, and the effective-weight layout of nmfx's ``save_pretrained``."""
     found = states(module)
-    wrong_shapes = _shape_problems(module, state_dict, prefix, set(found.values()))
+    wrong_shapes = _shape_problems(module, state_dict, prefix)
     if wrong_shapes:
         raise ValueError("refusing to load this checkpoint into the nmfx-sparsified model; nothing was loaded:\n  "
                          + "\n  ".join(wrong_shapes[:20])
@@ -160,14 +160,16 @@ def _refuse_mismatched_checkpoint(module, state_dict, prefix, local_metadata, st
         state.mark_checked(normalized)
 
 
-def _shape_problems(module: nn.Module, state_dict, prefix: str, skip: set) -> list[str]:
+def _shape_problems(module: nn.Module, state_dict, prefix: str) -> list[str]:
     """Incoming tensors whose shape differs from the parameter or persistent buffer they would be copied into
-    (torch raises for those only after it has copied the entries before them). nmfx state buffers (``skip``'s
-    modules) are left to :func:`nmfx.state.checkpoint_problems`; lazy parameters and torch's 1-element-into-0-d
-    case are accepted as torch accepts them."""
+    (torch raises for those only after it has copied the entries before them), for the modules that torch's
+    own ``_load_from_state_dict`` loads. A module that loads itself is left to its own checks: nmfx states
+    (:func:`nmfx.state.checkpoint_problems`), ``torch.ao`` observers and fake-quantizers (they resize their
+    buffers to the checkpoint's). Lazy tensors and a ``(1,)`` tensor into a 0-d one are accepted, as torch
+    accepts them."""
     problems = []
     for owner_name, owner in module.named_modules(remove_duplicate=False):
-        if owner in skip:
+        if not type(owner)._load_from_state_dict.__module__.startswith("torch.nn.modules."):
             continue
         base = f"{prefix}{owner_name}." if owner_name else prefix
         targets = [(n, t) for n, t in owner._parameters.items() if t is not None]
@@ -175,7 +177,7 @@ def _shape_problems(module: nn.Module, state_dict, prefix: str, skip: set) -> li
                     if t is not None and n not in owner._non_persistent_buffers_set]
         for name, target in targets:
             value = state_dict.get(base + name)
-            if not isinstance(value, torch.Tensor) or isinstance(target, nn.parameter.UninitializedParameter):
+            if not isinstance(value, torch.Tensor) or nn.parameter.is_lazy(target):
                 continue
             if value.shape == target.shape or (target.dim() == 0 and value.shape == (1,)):
                 continue

@@ -184,6 +184,47 @@ def test_bad_checkpoint_refused_before_anything_is_copied(case):
     assert torch.equal(target(X), outputs)
 
 
+class _Resizing(nn.Module):
+    """Loads a buffer of any length, as torch.ao's per-channel observers and fake-quantizers do (their
+    ``_load_from_state_dict`` resizes it to the checkpoint's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        if prefix + "scale" in state_dict:
+            self.scale.resize_(state_dict[prefix + "scale"].shape)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_shape_check_accepts_what_torch_loads():
+    """nmfx's early shape check must not refuse what torch itself loads: a module that loads itself (here one
+    resizing its buffer) and a lazy buffer (torch materializes it from the checkpoint). A wrong shape is still
+    refused before anything is copied."""
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8), _Resizing(), nn.LazyBatchNorm1d(affine=False))
+        return nmfx.sparsify(model, "2:4", "ste", include="0")
+
+    trained = build()
+    trained[3].scale = torch.rand(8)
+    trained.train()(torch.randn(4, 16))
+    checkpoint = _snapshot(trained)
+    target = build()
+    target.load_state_dict(checkpoint)
+    _assert_same_state(target, checkpoint)
+    checkpoint["2.bias"] = torch.zeros(9)
+    fresh = build()
+    before = {k: v.clone() for k, v in fresh.state_dict().items() if not k.startswith("4.")}  # 4: still lazy
+    with pytest.raises(ValueError, match=r"2\.bias: shape \(9,\) in the checkpoint vs \(8,\)"):
+        fresh.load_state_dict(checkpoint)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+
+
 def test_first_problems_all_named():
     checkpoint = _snapshot(_train(_sparsified(), 4))
     checkpoint["fc1.weight_nm.alpha"] = torch.tensor(float("nan"))
