@@ -44,6 +44,7 @@ To fine-tune with another method after pruning with ``ste``: ``nmfx.to_dense`` t
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import math
 import sys
@@ -159,7 +160,8 @@ def prune(
                     backups[name] = layer.param.detach().to("cpu", copy=True)
                     layer.write(new)
                 del weight
-        del shadow  # its masks: free them before sparsify allocates the model's
+        del shadow  # its masks: free them before sparsify allocates the model's; a rewritten module tree
+        gc.collect()  # holds reference cycles, so dropping the last reference alone frees nothing
         sparsify(model, config, example_inputs=example_inputs)
     except BaseException:
         with torch.no_grad():

@@ -674,3 +674,31 @@ def test_bench_prune_never_trusts_its_checkpoint_cache(tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     _, info = pretrained(task, 2, tmp_path, seed=0)
     assert not info["cached"]
+
+
+def test_the_shadows_masks_are_freed_before_the_model_is_sparsified(monkeypatch):
+    """The docstring's memory bound (two bool masks per weight at a time): the shadow's states are gone when the
+    model's are allocated. A sparsified module tree holds reference cycles, so only a collection frees it; the
+    automatic one is off here, as it may not run in time."""
+    import gc
+    import weakref
+
+    model, shadow_states, alive = _vit(), [], []
+    real = prune_module.sparsify
+
+    def spy(target, *args, **kwargs):
+        if target is model:
+            alive.append(sum(ref() is not None for ref in shadow_states))
+            return real(target, *args, **kwargs)
+        result = real(target, *args, **kwargs)
+        shadow_states.extend(weakref.ref(state) for state in nmfx.states(result).values())
+        return result
+
+    monkeypatch.setattr(prune_module, "sparsify", spy)
+    gc.collect()
+    gc.disable()
+    try:
+        nmfx.prune(model, "2:4", _images(), "wanda")
+    finally:
+        gc.enable()
+    assert len(shadow_states) == 12 and alive == [0]
