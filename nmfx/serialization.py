@@ -20,7 +20,7 @@ imply, and that every stored in-group position is ``< M`` (one vectorised decode
 patterns whose M is not a power of two can hold invalid codes). It then rebuilds the inference model
 on a *staging copy* of ``model`` (``nmfx.sparsify`` + a structure-only ``nmfx.to_inference``), checks
 that the set of tensors the copy needs equals the file's, name by name and shape by shape (and that
-the floating-point tensors a module holds in one dtype are stored in one dtype), fills it,
+the floating-point tensors a torch.nn / nmfx layer holds in one dtype are stored in one dtype), fills it,
 checks that no tensor is left on the meta device, and only then moves the result into ``model``: the
 same object comes back, its own hooks and submodule objects kept. Any refusal leaves ``model``
 exactly as it was. The copy's structure is rebuilt on the meta device (``sparsify`` and a structure-only
@@ -492,11 +492,15 @@ def _check_fit(where: str, header: _Header, rebuilt: dict[str, dict], targets: d
 
 
 def _check_module_dtypes(where: str, header: _Header, staged: nn.Module, targets: dict[str, torch.Tensor]) -> None:
-    """Floating-point tensors take the file's precision, but as one cast per module: tensors a module holds
-    in one floating-point dtype must be stored in one dtype (else the module's forward fails on mixed
-    dtypes, e.g. a float16 bias beside a float32 weight)."""
+    """Floating-point tensors take the file's precision, but as one cast per layer: tensors a ``torch.nn`` or
+    nmfx layer (whose forward combines them in one op, e.g. ``F.linear(x, weight, bias)``) holds in one
+    floating-point dtype must be stored in one dtype, else its forward fails on mixed dtypes (a float16 bias
+    beside a float32 weight). A model's own modules may mix dtypes on purpose and cast in their forward
+    (``transformers`` keeps some parameters in float32 beside bfloat16 ones): theirs load as stored."""
     name_of = {id(t): name for name, t in targets.items()}
     for path, module in staged.named_modules():
+        if not (type(module).forward.__module__ or "").startswith(("torch.nn.modules.", "nmfx.")):  # fx: None
+            continue
         stored: dict[torch.dtype, dict[torch.dtype, str]] = {}  # the model's dtype -> {the file's dtype: a tensor}
         for t in list(module._parameters.values()) + list(module._buffers.values()):
             name = name_of.get(id(t)) if t is not None else None
@@ -505,10 +509,10 @@ def _check_module_dtypes(where: str, header: _Header, staged: nn.Module, targets
         for own, found in stored.items():
             if len(found) > 1:
                 listed = ", ".join(f"{name} as {_dtype_name(dtype)}" for dtype, name in found.items())
-                raise ValueError(f"{where} stores the {_dtype_name(own)} tensors of {path or 'the model'} in "
-                                 f"different dtypes ({listed}): that module's forward would fail on mixed dtypes; "
-                                 "nothing was loaded. Files from nmfx.save hold each module's tensors in one dtype; "
-                                 "if the saved model really mixed them, build the model with the same dtypes")
+                raise ValueError(f"{where} stores the {_dtype_name(own)} tensors of {path or 'the model'} "
+                                 f"({type(module).__name__}) in different dtypes ({listed}): that module's forward "
+                                 "would fail on mixed dtypes; nothing was loaded. The file was altered, or its model was built "
+                                 "with these dtypes: build this model the same way")
 
 
 def _target_device(model: nn.Module) -> torch.device:

@@ -264,6 +264,43 @@ def test_mixed_dtypes_within_a_module_are_refused(vit_path, name):
     assert f"{name} as float16" in message and "that module's forward would fail" in message
 
 
+class _Gate(nn.Module):
+    """Mixes dtypes on purpose and casts in its forward, as transformers' Kimi-Linear forget gate (its
+    ``dt_bias`` kept in float32 by ``_keep_in_fp32_modules_strict`` beside a bfloat16 ``A_log``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dt_bias = nn.Parameter(torch.rand(16))
+        self.A_log = nn.Parameter(torch.rand(16))
+
+    def forward(self, x):
+        return x.float() * self.A_log.float().exp() + self.dt_bias.float()
+
+
+class _Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.gate, self.head = nn.Linear(16, 16), _Gate(), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.gate(self.fc(x)).to(self.head.weight.dtype))
+
+
+def test_a_module_that_mixes_dtypes_itself_loads_as_saved(tmp_path):
+    """The mixed-dtype refusal is for torch.nn / nmfx layers only: nmfx.save of a model whose own module keeps
+    one parameter in float32 beside bfloat16 ones loads into a float32-built model, each tensor as saved."""
+    torch.manual_seed(0)
+    model = _Gated().bfloat16()
+    model.gate.dt_bias.data = model.gate.dt_bias.data.float()
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    low = nmfx.to_inference(nmfx.sparsify(model, "2:4", "ste", include="fc"), backend="reference", force=True)
+    nmfx.save(low, tmp_path / "mixed.safetensors")
+    fresh = nmfx.load(tmp_path / "mixed.safetensors", _Gated(), backend="reference")
+    assert (fresh.gate.dt_bias.dtype, fresh.gate.A_log.dtype) == (torch.float32, torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), low(x))
+
+
 def test_a_file_in_lower_precision_loads_into_a_float32_model(vit_file, tmp_path):
     """A file of a model lowered with dtype=bfloat16 casts every tensor alike: a float32 model takes it whole."""
     torch.manual_seed(0)
