@@ -169,7 +169,7 @@ def _shape_problems(module: nn.Module, state_dict, prefix: str) -> list[str]:
     accepts them."""
     problems = []
     for owner_name, owner in module.named_modules(remove_duplicate=False):
-        if not type(owner)._load_from_state_dict.__module__.startswith("torch.nn.modules."):
+        if not (type(owner)._load_from_state_dict.__module__ or "").startswith("torch.nn.modules."):
             continue
         base = f"{prefix}{owner_name}." if owner_name else prefix
         targets = [(n, t) for n, t in owner._parameters.items() if t is not None]
