@@ -497,14 +497,20 @@ def _hessian(shadow: nn.Module, batches: list[_Batch], layer: _Layer, stop_early
     """``X^T X`` (float32) of ``layer``'s input over the calibration data, with the model as it is now
     (earlier layers already pruned). Ends each forward at the layer when it runs once in every batch."""
     H = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float32, device=layer.param.device)
+    calls = []
 
     def seen(name: str, x: Any) -> None:
         x = _input_of(layer, x)
         H.addmm_(x.T, x)
+        calls.append(len(x))
         if stop_early:
             raise _StopForward
 
     _forward(shadow, batches, _MaskedOps(_mask_ids(shadow, [layer.name]), seen))
+    if not any(calls):  # H = 0: every input would count as dead and the whole weight be zeroed
+        raise ValueError(f"{layer.name} ran on the calibration data with the dense model but gets no input once the "
+                         "earlier layers are pruned (it runs or not depending on their outputs, as an MoE expert): "
+                         "exclude it (exclude=[...]) or use criterion='wanda'")
     if not torch.isfinite(H).all():
         raise ValueError(f"{layer.name}: the calibration Hessian is not finite (activations overflow after the "
                          "earlier layers were pruned?); use criterion='wanda' or fewer/shorter calibration batches")

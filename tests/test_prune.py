@@ -702,3 +702,34 @@ def test_the_shadows_masks_are_freed_before_the_model_is_sparsified(monkeypatch)
     finally:
         gc.enable()
     assert len(shadow_states) == 12 and alive == [0]
+
+
+class _Routed(nn.Module):
+    """``fc2`` runs only when ``fc1``'s output is large enough (data-dependent routing, as an MoE gate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.threshold = 0.0
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if h.abs().mean() > self.threshold:
+            h = self.fc2(h)
+        return self.out(h)
+
+
+def test_sparsegpt_refuses_a_layer_that_stops_running_once_earlier_layers_are_pruned():
+    """fc2 runs on the dense model but not after fc1 is pruned: its Hessian would be 0, every input "dead", and
+    the whole weight zeroed. Refused instead, naming it, and the model is untouched."""
+    torch.manual_seed(0)
+    model, x = _Routed().eval(), torch.randn(64, 16)
+    with torch.no_grad():
+        model.threshold = 0.95 * model.fc1(x).abs().mean().item()  # 2:4-pruning fc1 lowers it below
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="fc2.weight ran on the calibration data with the dense model but gets no "
+                                         "input once the earlier layers are pruned"):
+        nmfx.prune(model, "2:4", [x], "sparsegpt", include=["fc1", "fc2"])
+    _assert_untouched(model, before)
+    nmfx.prune(model, "2:4", [x], "sparsegpt", include="fc1")  # the advice: exclude it
+    assert set(nmfx.states(model)) == {"fc1.weight"}
