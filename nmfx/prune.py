@@ -138,6 +138,7 @@ def prune(
     shadow, plan = _shadow(model, config, example_inputs)
     layers = {name: _Layer.of(model, name, dim) for name, (dim, _) in plan.items()}
     backups: dict[str, Tensor] = {}  # SparseGPT's pruned layers, as they were (on the CPU)
+    bar = None
     try:
         order, once = (_check_pass(shadow, batches, layers, criterion) if batches
                        else (list(layers), dict.fromkeys(layers, False)))
@@ -160,10 +161,13 @@ def prune(
                     backups[name] = layer.param.detach().to("cpu", copy=True)
                     layer.write(new)
                 del weight
+        bar.close()
         del shadow  # its masks: free them before sparsify allocates the model's; a rewritten module tree
         gc.collect()  # holds reference cycles, so dropping the last reference alone frees nothing
         sparsify(model, config, example_inputs=example_inputs)
     except BaseException:
+        if bar is not None:
+            bar.close()
         with torch.no_grad():
             for name, original in backups.items():
                 layers[name].param.copy_(original)
@@ -427,6 +431,9 @@ def _forward(model: nn.Module, batches: list[_Batch], mode: TorchFunctionMode, s
                     model(*args, **kwargs)
             except _StopForward:
                 pass
+            except _NonFinite as error:
+                raise ValueError(f"calibration batch {i} makes the input of {error.args[0]} non-finite (NaN or inf "
+                                 "activations); check the model and the calibration data") from None
             except Exception as error:
                 raise ValueError(f"calibration batch {i} does not run through {type(model).__name__} "
                                  f"({type(error).__name__}: {str(error)[:300]}); pass the model's own inputs (a "
@@ -467,13 +474,7 @@ def _check_pass(shadow: nn.Module, batches: list[_Batch], layers: dict[str, _Lay
     for layer in layers.values():
         layer.column_sq = None
     mode = _MaskedOps(_mask_ids(shadow, layers), seen, as_weight.add)
-    try:
-        _forward(shadow, batches, mode, starting=lambda i: batch.__setitem__(0, i))
-    except ValueError as error:
-        if isinstance(error.__cause__, _NonFinite):
-            raise ValueError(f"calibration makes the input of {error.__cause__.args[0]} non-finite (NaN or inf "
-                             "activations); check the model and the calibration data") from None
-        raise
+    _forward(shadow, batches, mode, starting=lambda i: batch.__setitem__(0, i))
     never = [name for name in layers if not any(counts[name])]
     if criterion != "magnitude":
         hidden = [name for name in never if name in as_weight]
@@ -489,8 +490,9 @@ def _check_pass(shadow: nn.Module, batches: list[_Batch], layers: dict[str, _Lay
     return order + never, once
 
 
-class _NonFinite(Exception):
-    pass
+class _NonFinite(BaseException):
+    """A layer's calibration input is not finite (a BaseException, so a model's own ``except Exception``
+    cannot swallow it)."""
 
 
 def _hessian(shadow: nn.Module, batches: list[_Batch], layer: _Layer, stop_early: bool) -> Tensor:

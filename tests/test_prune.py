@@ -293,6 +293,34 @@ def test_bad_calibration_is_a_clear_error_and_the_model_is_untouched(criterion, 
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())  # no hook left behind
 
 
+class _Forgiving(nn.Module):
+    """A model whose forward swallows its blocks' exceptions (falls back to the identity)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(2))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for block in self.blocks:
+            try:
+                x = block(x)
+            except Exception:
+                pass
+        return self.head(x)
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_non_finite_activations_refused_even_when_the_model_swallows_exceptions(criterion):
+    model = _Forgiving()
+    with torch.no_grad():
+        model.blocks[0][0].weight.fill_(3e38)  # finite weights, overflowing activations into block 1
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="batch 0 makes the input of blocks.1.0.weight non-finite"):
+        nmfx.prune(model, "2:4", [torch.ones(4, 16)], criterion)
+    _assert_untouched(model, before)
+
+
 def test_a_failure_midway_restores_every_pruned_layer(monkeypatch):
     model = _vit()
     before = _snapshot(model)
