@@ -167,6 +167,73 @@ def test_batch_dispatch_thresholds(cpu_kernel, pattern, dtype, batch, out, packe
         _assert_matches_fp64(cpu_kernel.nm_linear(x, packed.values, idx, b, p.n, p.m, bits, path), x, packed, b)
 
 
+@pytest.fixture(scope="session")
+def brgemm_kernel(cpu_kernel):
+    """The kernel, where its bf16 brgemm path (path=3, oneDNN's micro-kernel) can run; else skip."""
+    if not cpu_kernel.load().brgemm_bf16():
+        pytest.skip("at::native::cpublas::brgemm cannot run bf16 VNNI here (no oneDNN ukernel, CPU below AVX-512, or oneDNN disabled)")
+    return cpu_kernel
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    pattern=st.sampled_from(PATTERNS),
+    batch=st.sampled_from([1, 2, 15, 16, 17, 63, 64, 65, 130]),
+    inp_groups=st.sampled_from([1, 3, 7, 33]),
+    out=st.sampled_from([1, 5, 31, 32, 33, 70]),
+    with_bias=st.booleans(),
+    packed_bits=st.booleans(),
+    seed=st.integers(0, 10**6),
+)
+def test_brgemm_path_matches_reference(brgemm_kernel, pattern, batch, inp_groups, out, with_bias, packed_bits, seed):
+    """bf16 through brgemm: batch tiles of 64 rows padded to 16 (1, 15..17, 63..65, 130), in padded to a
+    multiple of 64, 32-row weight panels with a partial last one; the auto pick (brgemm on AMX from
+    batch 32, the batched path otherwise) agrees too."""
+    p, packed, x, b = _case(pattern, torch.bfloat16, (batch,), inp_groups, out, seed, with_bias)
+    bits, idx = (packed.index_bits, packed.indices) if packed_bits else (8, packed.positions())
+    y = brgemm_kernel.nm_linear(x, packed.values, idx, b, p.n, p.m, bits, 3)
+    _assert_matches_fp64(y, x, packed, b)
+    auto = brgemm_kernel.nm_linear(x, packed.values, idx, b, p.n, p.m, bits, 0)
+    _assert_matches_fp64(auto, x, packed, b)
+    if batch >= 32:  # past every GEMV threshold: auto is brgemm exactly where brgemm runs on AMX
+        picked = 3 if brgemm_kernel.load().brgemm_bf16_amx() else 2
+        assert torch.equal(auto, brgemm_kernel.nm_linear(x, packed.values, idx, b, p.n, p.m, bits, picked))
+
+
+def test_brgemm_path_adds_repeated_positions(brgemm_kernel):
+    """Kept values of a group at one position (never packed by nmfx, but the format's meaning: they
+    add) are summed before the dense tile is rounded to bf16."""
+    from nmfx.packed import pack_positions
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.zeros(5, 7 * 3, dtype=torch.uint8)
+    pos[1] = torch.randint(0, 2, (7 * 3,), generator=g, dtype=torch.uint8)
+    values = torch.randn(5, 7 * 3, generator=g).bfloat16()
+    x = torch.randn(20, 7 * 8, generator=g).bfloat16()
+    cols = (torch.arange(7 * 3) // 3 * 8).unsqueeze(0) + pos.long()
+    w = torch.zeros(5, 7 * 8, dtype=torch.float64).scatter_add_(1, cols, values.double())
+    w_abs = torch.zeros_like(w).scatter_add_(1, cols, values.double().abs())
+    exact, scale = F.linear(x.double(), w), F.linear(x.double().abs(), w_abs)
+    for path in (2, 3):
+        y = brgemm_kernel.nm_linear(x, values, pack_positions(pos, 3), None, 3, 8, 3, path)
+        assert bool(((y.double() - exact).abs() <= fp64_tolerance(torch.bfloat16, 21, scale)).all()), path
+
+
+def test_brgemm_path_refusals(cpu_kernel):
+    """path=3 is bf16-only, and unavailable with oneDNN disabled (the auto pick then never takes it)."""
+    p, packed, x, b = _case("1:8", torch.float32, (20,), 4, 5, 0, True)
+    for dtype in (torch.float32, torch.float16):
+        with pytest.raises(ValueError, match="bfloat16-only"):
+            cpu_kernel.nm_linear(x.to(dtype), packed.values.to(dtype), packed.indices, b.to(dtype), 1, 8, 3, 3)
+    xb, vb, bb = x.bfloat16(), packed.values.bfloat16(), b.bfloat16()
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not cpu_kernel.load().brgemm_bf16()
+        with pytest.raises(ValueError, match="brgemm"):
+            cpu_kernel.nm_linear(xb, vb, packed.indices, bb, 1, 8, 3, 3)
+        auto = cpu_kernel.nm_linear(xb, vb, packed.indices, bb, 1, 8, 3, 0)
+    assert torch.equal(auto, cpu_kernel.nm_linear(xb, vb, packed.indices, bb, 1, 8, 3, 2))
+
+
 @pytest.mark.parametrize("pattern", ["1:8", "2:4", "1:16", "2:8", "1:32", "2:6"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 3, 17, 40])
@@ -428,7 +495,8 @@ def test_lesser_isa_builds_match_the_reference(isa):
                     exact = F.linear(x.double(), exact_w, bias.double())
                     scale = F.linear(x.double().abs(), exact_w.abs(), bias.double().abs())
                     tol = fp64_tolerance(dtype, packed.kept_per_row, scale)
-                    for path in (0, 1, 2):
+                    brgemm = dtype == torch.bfloat16 and cpu.load().brgemm_bf16()
+                    for path in (0, 1, 2, 3) if brgemm else (0, 1, 2):
                         y = cpu.nm_linear(x, packed.values, packed.indices, bias, p.n, p.m, packed.index_bits, path)
                         err = (y.double() - exact).abs()
                         assert bool((err <= tol).all()), (pattern, dtype, batch, path, err.max().item())

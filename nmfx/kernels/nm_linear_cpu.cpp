@@ -27,12 +27,16 @@
 //  * Batched: x is packed once into zero-padded batch tiles xT[tile][in][BT]. For each output row
 //    and kept value (w, c): acc[0:BT] += w * xT[c, 0:BT], a broadcast multiply-add against
 //    contiguous batch lanes, no gather. fp32 tiles (fp32, fp16, bf16 without AVX512-BF16): register
-//    tile of RB rows x NV vectors (AVX-512: 8 x 1, 8 x 2 or 4 x 4 zmm). bf16 tiles (AVX512-BF16):
+//    tile of RB rows x NV vectors (AVX-512: 8 x 1 ymm for B <= 8, else 8 x 1, 8 x 2 or 4 x 4 zmm). bf16 tiles (AVX512-BF16):
 //    kept values in pairs, the pair's x rows interleaved per lane for vdpbf16ps (BT = 16, 32, 64).
 //    Each thread owns a range of 16-row output groups and sweeps them once per batch tile, so the
 //    xT tile (in*BT*4 bytes fp32, 1 MiB at in=4096/BT=64; half that in bf16) stays in L2 and the
 //    weights stream once per tile. Results go through a 16 x BT local buffer and are written
 //    transposed as contiguous pieces of y rows.
+//  * brgemm (bf16, every build; path=3 forces it): 32-row panels of W decompressed into dense bf16
+//    tiles, multiplied by PyTorch's oneDNN micro-kernel at::native::cpublas::brgemm against x packed
+//    in VNNI layout (see run_brgemm_bf16). Picked automatically only where brgemm runs on AMX, for
+//    B >= brgemm_min_batch(); without AMX it is the dense multiply on AVX512-BF16 and loses (below).
 //
 // Bounds: the entry point checks every argument itself (devices, ranks, shapes, dtypes, 1 <= N <= M
 // <= 32, index_bits = 8 or ceil(log2 M), the indices' width; non-contiguous inputs are copied), and
@@ -66,9 +70,26 @@
 //  * Denser patterns (2:4, 1:4, 2:8) at large batch are FMA/L2-bound at the same ~40 GFLOP/s per core
 //    while dense GEMM reaches ~90 per core, so fp32 2:4 wins only 1.6-2.4x and bf16 2:4 loses to
 //    dense bf16 at B >= 8.
+// Measured later (AMD EPYC family 26 = Zen 5: 48 KiB L1d, 1 MiB L2 per core, avx512_bf16, no AMX;
+// 1 thread, per-thread CPU time, interleaved medians, 4096 x 4096 1:8; the 2 shared cores were
+// oversubscribed, so 2-thread wall times were not usable):
+//  * B = 3..8, fp32 on AVX-512: 8-lane ymm tiles instead of one half-padded 16-lane zmm tile:
+//    B = 4 1.09 vs 1.28 ms, B = 8 1.15 vs 1.30 ms (a second, shuffled run: 1.46 vs 1.51, 1.51 vs
+//    1.62); torch CSR 2.7-3.4 ms there, so 2.0-2.3x CSR at B = 3..32 on 1 thread. The inner loop
+//    (3 loads + 1 FMA per kept value) runs at ~1.5 cycles per value whether xT sits in L1 (in = 512)
+//    or L2 (in = 4096), so it is not L2 bandwidth; 16 rows per tile, padded staging rows (L1 banks)
+//    and copied fp32 values measured no gain.
+//  * brgemm bf16 without AMX (oneDNN on AVX512-BF16): B = 8 4.4 ms (pairs path 0.90, dense bf16
+//    2.4), B = 64 6.1 (3.1, 6.2), B = 256 21.4 (12.6, 19.5). The per-call decompression (tile
+//    zeroing, scattered stores, x packing, write-back) alone is ~1.4 ms. The dense multiply on the
+//    decompressed tiles does all of dense's FLOPs, so even with AMX the path can only beat dense bf16
+//    where dense is bound by streaming its weight (small and mid batch), not where AMX dense is
+//    compute-bound. Not measured on an AMX CPU.
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
+#include <ATen/Context.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <c10/util/BFloat16.h>
@@ -578,19 +599,41 @@ static void run_gemv(const Problem& P, const T* x, const T* vals, const uint8_t*
 }
 
 // ---------------------------------------------------------------------------------------------
-// Batched path: register tile of R rows x NV vectors (BT = NV * VW batch lanes).
+// Batched path: register tile of R rows x NV vectors of L lanes (BT = NV * L batch lanes). L is the
+// build's VW, or 8 on AVX-512 builds (ymm; see batched_lanes).
 // ---------------------------------------------------------------------------------------------
-template <typename T, int R, int NV>
+template <int L> struct Lanes;  // the vector ops of an L-lane fp32 accumulator
+template <> struct Lanes<VW> {
+  using V = Vf;
+  static V zero() { return vzero(); }
+  static V set1(float a) { return vset1(a); }
+  static V load(const float* p) { return vload(p); }
+  static void store(float* p, V v) { vstore(p, v); }
+  static V fma(V a, V b, V c) { return vfma(a, b, c); }
+};
+#if defined(NMFX_AVX512)
+template <> struct Lanes<8> {
+  using V = __m256;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float a) { return _mm256_set1_ps(a); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+};
+#endif
+
+template <typename T, int R, int NV, int L>
 static inline void tile_rows(const Problem& P, const Decoder& D, const T* vals, const uint8_t* idx, int64_t avail,
                              const float* xt, float* out) {
-  constexpr int BT = NV * VW;
+  using O = Lanes<L>;
+  constexpr int BT = NV * L;
   alignas(64) int32_t ob[R][CH];
   alignas(64) float vb[R][CH];
-  Vf acc[R][NV];
+  typename O::V acc[R][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = vzero();
+    for (int v = 0; v < NV; ++v) acc[r][v] = O::zero();
   for (int64_t k0 = 0; k0 < P.K; k0 += CH) {
     const int cnt = static_cast<int>(std::min<int64_t>(CH, P.K - k0));
     const float* vp[R];
@@ -601,17 +644,17 @@ static inline void tile_rows(const Problem& P, const Decoder& D, const T* vals, 
     for (int i = 0; i < cnt; ++i) {
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        const Vf w = vset1(vp[r][i]);
+        const typename O::V w = O::set1(vp[r][i]);
         const float* p = xt + ob[r][i];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = vfma(w, vload(p + v * VW), acc[r][v]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = O::fma(w, O::load(p + v * L), acc[r][v]);
       }
     }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) vstore(out + r * BT + v * VW, acc[r][v]);
+    for (int v = 0; v < NV; ++v) O::store(out + r * BT + v * L, acc[r][v]);
 }
 
 // Packs x into zero-padded batch tiles xT[t][c][l] = x[t*BT + l][c] of element type XE, then each
@@ -657,11 +700,11 @@ static void sweep_batch_tiles(const Problem& P, const T* x, const T* bias, T* y,
   });
 }
 
-template <typename T, int NV>
+template <typename T, int NV, int L = VW, int RB = rows_per_tile<NV>()>
 static void run_batched(const Problem& P, const T* x, const T* vals, const uint8_t* idx, const T* bias, T* y) {
   const Decoder D(P.bits, P.m);
-  sweep_batch_tiles<float, NV * VW, rows_per_tile<NV>()>(P, x, bias, y, [&](auto rows, int64_t o, const float* xt, float* out) {
-    tile_rows<T, decltype(rows)::value, NV>(P, D, vals + o * P.K, idx + o * P.row_bytes, (P.out - o) * P.row_bytes, xt, out);
+  sweep_batch_tiles<float, NV * L, RB>(P, x, bias, y, [&](auto rows, int64_t o, const float* xt, float* out) {
+    tile_rows<T, decltype(rows)::value, NV, L>(P, D, vals + o * P.K, idx + o * P.row_bytes, (P.out - o) * P.row_bytes, xt, out);
   });
 }
 
@@ -814,6 +857,105 @@ static void run_batched_bf16dp(const Problem& P, const c10::BFloat16* x, const c
 #endif
 
 // ---------------------------------------------------------------------------------------------
+// bf16 batched path through PyTorch's oneDNN brgemm micro-kernel (at::native::cpublas::brgemm, the
+// one Inductor's CPU GEMM templates call: AMX tile dot products where the CPU has AMX, AVX512-BF16
+// otherwise). Each thread decompresses BM = 32 rows of W at a time into a dense bf16 tile A[BM][Kp]
+// (zeroed, then each kept value stored at its column; Kp = in rounded up to 64, 256 KiB at in = 4096,
+// L2-resident) and multiplies it with x packed once in the VNNI layout brgemm reads for bf16
+// (xv[t][k/2][np][2] per batch tile t of up to BN = 64 rows, np = its rows rounded up to 16 for AMX's
+// 16-column B tiles; zero for k >= in and padded rows), so C[BM][np] = A @ x_t^T in fp32; the decompressed tile serves every batch tile. Dense work on the decompressed
+// tile is the price (N:M zeros are multiplied): it pays only where the dense multiply is much cheaper
+// than streaming the dense weight, i.e. with AMX (see gemv_max_batch / dispatch).
+// ---------------------------------------------------------------------------------------------
+// Whether brgemm can run bf16 in the VNNI layout here: libtorch built with oneDNN's ukernel API, a CPU
+// oneDNN runs it on (AVX-512 and up), and oneDNN enabled (torch.backends.mkldnn.enabled). Probed
+// once by a 2 x 2 x 2 product checked against its known result; oneDNN disabled answers false
+// without probing.
+static bool brgemm_bf16_available() {
+  if (!at::globalContext().userEnabledMkldnn()) return false;
+  static const bool ok = [] {
+    try {
+      // A = [[1, 2], [3, 4]], B = [[5, 6], [7, 8]] in VNNI pairs ([k/2][n][2]): C = [[19, 22], [43, 50]].
+      const c10::BFloat16 a[4] = {1.f, 2.f, 3.f, 4.f}, b[4] = {5.f, 7.f, 6.f, 8.f};
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+      at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, true);
+      at::native::cpublas::brgemm_release(true);
+      return c[0] == 19.f && c[1] == 22.f && c[2] == 43.f && c[3] == 50.f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+// Whether brgemm would use AMX tiles here (oneDNN's own test: packing B is needed exactly with AMX).
+static bool brgemm_bf16_amx() {
+  return brgemm_bf16_available() && at::native::cpublas::could_pack(at::kBFloat16);
+}
+
+static void run_brgemm_bf16(const Problem& P, const c10::BFloat16* x, const c10::BFloat16* vals, const uint8_t* idx,
+                            const c10::BFloat16* bias, c10::BFloat16* y) {
+  constexpr int64_t BM = 32, BN = 64;
+  const int64_t Kp = (P.in + 63) / 64 * 64;
+  const int64_t ntiles = (P.B + BN - 1) / BN;
+  // xv: tile t starts at t * Kp * BN; element (k, n) at (k / 2 * np + n) * 2 + k % 2, np = lanes rounded up to 16.
+  at::Tensor xv_t = at::empty({ntiles * Kp * BN}, at::TensorOptions().dtype(at::kBFloat16));
+  c10::BFloat16* xv = xv_t.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, Kp / 2, 32, [&](int64_t q0, int64_t q1) {
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t lanes = std::min<int64_t>(BN, P.B - t * BN), np = (lanes + 15) / 16 * 16;
+      c10::BFloat16* d = xv + t * Kp * BN;
+      for (int64_t q = q0; q < q1; ++q)
+        for (int64_t n = 0; n < np; ++n)
+          for (int64_t e = 0; e < 2; ++e) {
+            const int64_t k = 2 * q + e;
+            d[(q * np + n) * 2 + e] = k < P.in && n < lanes ? x[(t * BN + n) * P.in + k] : c10::BFloat16(0.f);
+          }
+    }
+  });
+  const int64_t nblocks = (P.out + BM - 1) / BM;
+  at::parallel_for(0, nblocks, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<c10::BFloat16> a(static_cast<size_t>(BM * Kp));
+    std::vector<int32_t> cols(static_cast<size_t>(P.K));
+    std::vector<float> sums(P.n > 1 ? static_cast<size_t>(P.in) : 0, 0.f);
+    alignas(64) float c[BM * BN];
+    const Decoder D(P.bits, P.m);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t o0 = g * BM;
+      const int64_t rows = std::min<int64_t>(BM, P.out - o0);
+      std::memset(a.data(), 0, static_cast<size_t>(rows * Kp) * sizeof(c10::BFloat16));
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t o = o0 + r;
+        const c10::BFloat16* vrow = vals + o * P.K;
+        c10::BFloat16* arow = a.data() + r * Kp;
+        for (int64_t k0 = 0; k0 < P.K; k0 += CH)
+          decode_cols(D, idx + o * P.row_bytes, (P.out - o) * P.row_bytes, P.colbase.data(), k0,
+                      static_cast<int>(std::min<int64_t>(CH, P.K - k0)), 1, cols.data() + k0);
+        if (P.n == 1) {
+          for (int64_t k = 0; k < P.K; ++k) arow[cols[k]] = vrow[k];
+        } else {
+          // Kept values of a group may share a position (the reference adds them): sum them in fp32
+          // and round once, as the other paths' fp32 accumulation does.
+          for (int64_t k = 0; k < P.K; ++k) sums[cols[k]] += to_f(vrow[k]);
+          for (int64_t k = 0; k < P.K; ++k) arow[cols[k]] = static_cast<c10::BFloat16>(sums[cols[k]]);
+          for (int64_t k = 0; k < P.K; ++k) sums[cols[k]] = 0.f;
+        }
+      }
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int64_t lanes = std::min<int64_t>(BN, P.B - t * BN), np = (lanes + 15) / 16 * 16;
+        at::native::cpublas::brgemm(rows, np, Kp, Kp, np, np, false, a.data(), xv + t * Kp * BN, c, true);
+        for (int64_t l = 0; l < lanes; ++l) {
+          c10::BFloat16* yrow = y + (t * BN + l) * P.out + o0;
+          for (int64_t r = 0; r < rows; ++r)
+            yrow[r] = static_cast<c10::BFloat16>(c[r * np + l] + (bias ? to_f(bias[o0 + r]) : 0.f));
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Bounds: true when some row of `idx` stores a position >= M. Only layouts whose codes can exceed
 // M - 1 are scanned (bytes; bit-packed with M not a power of two); bit-packed power-of-two M has no
 // invalid code. Bytes: a vectorised byte maximum per row; bit-packed: the decoder's raw positions.
@@ -903,11 +1045,25 @@ static int64_t gemv_max_batch(const Problem& P) {
   return 1;
 }
 
+// Smallest batch the brgemm path takes when brgemm runs on AMX (never without AMX: on AVX512-BF16
+// it does the dense multiply with the same instructions as dense bf16 and loses to the pairs path;
+// see "Measured"). Not measured on an AMX CPU: an estimate from the ~0.7 ms (2 threads) per-call
+// decompression at 4096^2 against the pairs path's flat ~0.9 ms up to B = 16 on the Xeon.
+static int64_t brgemm_min_batch() { return 32; }
+
 template <typename T>
 static void dispatch(const Problem& P, const T* x, const T* vals, const uint8_t* idx, const T* bias, T* y,
                      int64_t path) {
   const bool gemv = path == 1 || (path == 0 && P.B <= gemv_max_batch<T>(P));
   if (gemv) return run_gemv<T>(P, x, vals, idx, bias, y);
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    if (path == 3 || (path == 0 && P.B >= brgemm_min_batch() && brgemm_bf16_amx())) {
+      TORCH_CHECK_VALUE(brgemm_bf16_available(), "nmfx cpu kernel: path 3 (brgemm) is not available here");
+      return run_brgemm_bf16(P, x, vals, idx, bias, y);
+    }
+  } else {
+    TORCH_CHECK_VALUE(path != 3, "nmfx cpu kernel: path 3 (brgemm) is bfloat16-only");
+  }
 #if defined(NMFX_AVX512BF16)
   if constexpr (std::is_same<T, c10::BFloat16>::value) {
     if (P.B <= 16) return run_batched_bf16dp<16>(P, x, vals, idx, bias, y);
@@ -919,6 +1075,10 @@ static void dispatch(const Problem& P, const T* x, const T* vals, const uint8_t*
   int64_t nv = std::min<int64_t>(kMaxNV, (P.B + VW - 1) / VW);
   if (nv == 3) nv = 4;  // 4 rows x 3 vectors measured slower than one padded 4-vector tile
   if (path >= 21 && path <= 24) nv = path - 20;  // benchmarking knob: force NV
+#if defined(NMFX_AVX512)
+  // B <= 8: 8-lane (ymm) tiles, no padded lanes (see "Measured"; path 21 forces the 16-lane tile).
+  if (nv == 1 && P.B <= 8 && path < 21) return run_batched<T, 1, 8>(P, x, vals, idx, bias, y);
+#endif
   switch (nv) {
     case 1: return run_batched<T, 1>(P, x, vals, idx, bias, y);
     case 2: return run_batched<T, 2>(P, x, vals, idx, bias, y);
@@ -1057,6 +1217,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("indices"), pybind11::arg("bias"),
           pybind11::arg("n"), pybind11::arg("m"), pybind11::arg("index_bits"), pybind11::arg("path") = 0);
   mod.def("isa", &nmfx_cpu::isa, "instruction set the extension was compiled for");
+  mod.def("brgemm_bf16", []() { return nmfx_cpu::brgemm_bf16_available(); },
+          "whether the bf16 brgemm path (path=3) can run here");
+  mod.def("brgemm_bf16_amx", []() { return nmfx_cpu::brgemm_bf16_amx(); },
+          "whether the bf16 brgemm path runs on AMX here (and is then picked for batches >= 32)");
   mod.def("nm_mask", &nmfx_cpu::nm_mask, "N:M mask along the last dimension (largest |w|), CPU",
           pybind11::arg("w"), pybind11::arg("n"), pybind11::arg("m"));
 }
