@@ -73,9 +73,11 @@
 // Measured later (AMD EPYC family 26 = Zen 5: 48 KiB L1d, 1 MiB L2 per core, avx512_bf16, no AMX;
 // 1 thread, per-thread CPU time, interleaved medians, 4096 x 4096 1:8; the 2 shared cores were
 // oversubscribed, so 2-thread wall times were not usable):
-//  * B = 3..8, fp32 on AVX-512: 8-lane ymm tiles instead of one half-padded 16-lane zmm tile:
-//    B = 4 1.09 vs 1.28 ms, B = 8 1.15 vs 1.30 ms (a second, shuffled run: 1.46 vs 1.51, 1.51 vs
-//    1.62); torch CSR 2.7-3.4 ms there, so 2.0-2.3x CSR at B = 3..32 on 1 thread. The inner loop
+//  * B = 3..8, fp32 on AVX-512: 8-lane ymm tiles instead of one half-padded 16-lane zmm tile, a
+//    small gain: B = 4 1.09 vs 1.28 ms, B = 8 1.15 vs 1.30 ms in a first run (fixed call order);
+//    with the order shuffled per repetition 1.46 vs 1.51 and 1.51 vs 1.62, then 1.41 vs 1.48 and
+//    1.36 vs 1.37 (unchanged B = 12, 16 differed by 3-4% in that run: the noise level). torch CSR
+//    2.7-3.3 ms at B = 3..16, so 1.9-2.3x CSR at B = 3..32 on 1 thread (B = 2, GEMV: 2.7x). The inner loop
 //    (3 loads + 1 FMA per kept value) runs at ~1.5 cycles per value whether xT sits in L1 (in = 512)
 //    or L2 (in = 4096), so it is not L2 bandwidth; 16 rows per tile, padded staging rows (L1 banks)
 //    and copied fp32 values measured no gain.
