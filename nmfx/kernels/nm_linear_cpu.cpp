@@ -71,13 +71,15 @@
 //    while dense GEMM reaches ~90 per core, so fp32 2:4 wins only 1.6-2.4x and bf16 2:4 loses to
 //    dense bf16 at B >= 8.
 // Measured later (AMD EPYC family 26 = Zen 5: 48 KiB L1d, 1 MiB L2 per core, avx512_bf16, no AMX;
-// 1 thread, per-thread CPU time, interleaved medians, 4096 x 4096 1:8; the 2 shared cores were
-// oversubscribed, so 2-thread wall times were not usable):
+// 4096 x 4096 1:8, interleaved medians, call order shuffled per repetition; 1 thread as per-thread
+// CPU time on a loaded machine unless said otherwise):
 //  * B = 3..8, fp32 on AVX-512: 8-lane ymm tiles instead of one half-padded 16-lane zmm tile, a
 //    small gain: B = 4 1.09 vs 1.28 ms, B = 8 1.15 vs 1.30 ms in a first run (fixed call order);
 //    with the order shuffled per repetition 1.46 vs 1.51 and 1.51 vs 1.62, then 1.41 vs 1.48 and
 //    1.36 vs 1.37 (unchanged B = 12, 16 differed by 3-4% in that run: the noise level). torch CSR
-//    2.7-3.3 ms at B = 3..16, so 1.9-2.3x CSR at B = 3..32 on 1 thread (B = 2, GEMV: 2.7x). The inner loop
+//    2.7-3.3 ms at B = 3..16, so 1.9-2.3x CSR at B = 3..32 on 1 thread (B = 2, GEMV: 2.7x). 2 threads,
+//    wall, a quiet moment: B = 4 0.68 vs 0.72 ms, B = 8 0.68 vs 0.77 (CSR 1.54, 1.73: 2.28x, 2.54x;
+//    before 2.13x, 2.24x), B = 12 / 16 / 32 unchanged at 2.31x / 2.42x / 2.21x CSR. The inner loop
 //    (3 loads + 1 FMA per kept value) runs at ~1.5 cycles per value whether xT sits in L1 (in = 512)
 //    or L2 (in = 4096), so it is not L2 bandwidth; 16 rows per tile, padded staging rows (L1 banks)
 //    and copied fp32 values measured no gain.
