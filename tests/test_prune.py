@@ -63,6 +63,19 @@ class _OneLayer(nn.Module):
         return self.fc(x)
 
 
+def _record_sparsegpt_inputs(monkeypatch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Make ``nmfx.prune`` record, per layer, copies of the (weight, Hessian) it passes to ``sparsegpt_prune``."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    real = prune_module.sparsegpt_prune
+
+    def spy(weight, hessian, *args, name, **kwargs):
+        seen[name] = (weight.clone(), hessian.clone())
+        return real(weight, hessian, *args, name=name, **kwargs)
+
+    monkeypatch.setattr(prune_module, "sparsegpt_prune", spy)
+    return seen
+
+
 def _expected_topn(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """The top-n of every group of m along the last dim, by a plain sort (random data: no ties)."""
     groups = score.reshape(score.shape[0], -1, m)
@@ -227,19 +240,13 @@ def test_any_packable_pattern_prunes_and_lowers(seed, m, data):
 
 
 def test_bfloat16_model_is_pruned_with_float32_statistics(monkeypatch):
-    seen = {}
-    real = prune_module.sparsegpt_prune
-
-    def spy(weight, hessian, *args, name, **kwargs):
-        seen[name] = (weight.dtype, hessian.dtype)
-        return real(weight, hessian, *args, name=name, **kwargs)
-
-    monkeypatch.setattr(prune_module, "sparsegpt_prune", spy)
+    seen = _record_sparsegpt_inputs(monkeypatch)
     torch.manual_seed(0)
     model = _OneLayer(32, 8).eval().bfloat16()
     calibration = [torch.randn(16, 32).bfloat16() for _ in range(2)]
     nmfx.prune(model, "2:4", calibration, "sparsegpt", include="fc")
-    assert seen == {"fc.weight": (torch.float32, torch.float32)}  # the weight and X^T X in float32
+    dtypes = {name: (weight.dtype, hessian.dtype) for name, (weight, hessian) in seen.items()}
+    assert dtypes == {"fc.weight": (torch.float32, torch.float32)}  # the weight and X^T X in float32
     weight = model.fc.weight.detach()
     assert weight.dtype == torch.bfloat16 and weight.ne(0).reshape(8, -1, 4).sum(-1).le(2).all()
 
@@ -551,16 +558,9 @@ def test_sparsegpt_hessian_counts_every_call_of_a_reused_layer(monkeypatch):
     with torch.no_grad():
         second = torch.relu(model.fc(x))
     expected = x.T @ x + second.T @ second
-    seen = {}
-    real = prune_module.sparsegpt_prune
-
-    def spy(weight, hessian, *args, name, **kwargs):
-        seen[name] = hessian.clone()
-        return real(weight, hessian, *args, name=name, **kwargs)
-
-    monkeypatch.setattr(prune_module, "sparsegpt_prune", spy)
+    seen = _record_sparsegpt_inputs(monkeypatch)
     nmfx.prune(model, "2:4", [x], "sparsegpt", include="fc")
-    torch.testing.assert_close(seen["fc.weight"], expected)
+    torch.testing.assert_close(seen["fc.weight"][1], expected)
 
 
 class _TwoLayers(nn.Module):
@@ -580,20 +580,13 @@ def test_sparsegpt_is_sequential_later_layers_see_the_pruned_earlier_ones(monkey
     x = torch.randn(64, 16)
     with torch.no_grad():
         dense_hidden = torch.relu(model.fc1(x))
-    seen = {}
-    real = prune_module.sparsegpt_prune
-
-    def spy(weight, hessian, *args, name, **kwargs):
-        seen[name] = hessian.clone()
-        return real(weight, hessian, *args, name=name, **kwargs)
-
-    monkeypatch.setattr(prune_module, "sparsegpt_prune", spy)
+    seen = _record_sparsegpt_inputs(monkeypatch)
     nmfx.prune(model, "2:4", [x[:32], x[32:]], "sparsegpt", include=["fc1", "fc2"])
     assert list(seen) == ["fc1.weight", "fc2.weight"]  # forward order
     with torch.no_grad():
         pruned_hidden = torch.relu(model.fc1(x))  # fc1 as pruned (unchanged since)
-    torch.testing.assert_close(seen["fc2.weight"], pruned_hidden.T @ pruned_hidden)
-    assert not torch.allclose(seen["fc2.weight"], dense_hidden.T @ dense_hidden, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(seen["fc2.weight"][1], pruned_hidden.T @ pruned_hidden)
+    assert not torch.allclose(seen["fc2.weight"][1], dense_hidden.T @ dense_hidden, rtol=1e-3, atol=1e-3)
 
 
 class _Loop(nn.Module):
@@ -618,16 +611,9 @@ def test_sparsegpt_hessian_counts_a_layer_that_runs_unevenly_across_batches(monk
     x, y = torch.randn(16, 8), torch.randn(16, 8)
     with torch.no_grad():
         second = torch.relu(model.fc(x))
-    seen = {}
-    real = prune_module.sparsegpt_prune
-
-    def spy(weight, hessian, *args, name, **kwargs):
-        seen[name] = hessian.clone()
-        return real(weight, hessian, *args, name=name, **kwargs)
-
-    monkeypatch.setattr(prune_module, "sparsegpt_prune", spy)
+    seen = _record_sparsegpt_inputs(monkeypatch)
     nmfx.prune(model, "2:4", [(x, 2), (y, 0)], "sparsegpt", include="fc")
-    torch.testing.assert_close(seen["fc.weight"], x.T @ x + second.T @ second)
+    torch.testing.assert_close(seen["fc.weight"][1], x.T @ x + second.T @ second)
 
 
 def test_sparsegpt_holds_one_hessian_at_a_time(monkeypatch):
